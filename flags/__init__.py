@@ -1,0 +1,1 @@
+"""Feature flags: the Unleash features document, bucketing, evaluation, providers."""

@@ -1,0 +1,142 @@
+"""Flag provider ``unleash``: the official Python SDK, bootstrapped from the flags file (I/O).
+
+The SDK (PyPI ``UnleashClient``) decides; it polls the server in its own scheduler
+thread, so decisions stay a plain synchronous call on the hot path. Bootstrapping from
+the flags file makes decisions right before the first sync and while the server is
+unreachable. The SDK's cache is replaced by an in-memory one that also keeps a parsed
+copy of every features document it receives, which feeds the rollout gauge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from UnleashClient import UnleashClient  # type: ignore[attr-defined]
+from UnleashClient.cache import BaseCache
+from UnleashClient.constants import FEATURES_URL
+from UnleashClient.utils import InstanceAllowType
+
+from flags.document import FlagsDocumentError, FlagSet, parse_flags
+from flags.evaluation import rollout_percent
+from flags.file import read_flags
+
+log = logging.getLogger("strangler.flags")
+
+
+class _QuietPollErrors(logging.Filter):
+    """The SDK logs a full traceback on every failed poll; keep one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+logging.getLogger("UnleashClient").addFilter(_QuietPollErrors())
+
+
+class _MirrorCache(BaseCache):
+    """In-memory SDK cache that mirrors each features document as a parsed FlagSet."""
+
+    def __init__(self, on_features: Any) -> None:
+        super().__init__()
+        self._data: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._on_features = on_features
+
+    def set(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._data[key] = value
+        if key == FEATURES_URL:
+            self._on_features(value)
+
+    def mset(self, data: dict[str, Any]) -> None:
+        for key, value in data.items():
+            self.set(key, value)
+
+    def get(self, key: str, default: Any | None = None) -> Any:
+        with self._lock:
+            return self._data.get(key, default)
+
+    def exists(self, key: str) -> bool:
+        with self._lock:
+            return key in self._data
+
+    def destroy(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+class UnleashFlagProvider:
+    name = "unleash"
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        client_token: str,
+        app_name: str = "strangler",
+        environment: str = "development",
+        project: str | None = None,
+        refresh_interval: int = 15,
+        bootstrap_file: Path | None = None,
+        static_context: Mapping[str, str] | None = None,
+    ) -> None:
+        self._flags: FlagSet | None = None
+        if bootstrap_file is not None:
+            read_flags(bootstrap_file)  # refuse a broken bootstrap file with its name
+        self._cache = _MirrorCache(self._mirror)
+        if bootstrap_file is not None:
+            self._cache.set(FEATURES_URL, bootstrap_file.read_text(encoding="utf-8"))
+            self._cache.bootstrapped = True
+        self.static_context = dict(static_context or {})
+        self._client = UnleashClient(
+            url=url.rstrip("/") + "/api",
+            app_name=app_name,
+            environment=environment,
+            instance_id=f"strangler-{uuid.uuid4()}",
+            refresh_interval=refresh_interval,
+            disable_metrics=True,
+            custom_headers={"Authorization": client_token},
+            project_name=project,
+            cache=self._cache,
+            multiple_instance_mode=InstanceAllowType.SILENTLY_ALLOW,
+        )
+        self._started = False
+
+    @property
+    def ready(self) -> bool:
+        return self._started and self._flags is not None
+
+    @property
+    def flags(self) -> FlagSet:
+        return self._flags if self._flags is not None else FlagSet()
+
+    async def start(self) -> None:
+        # initialize_client registers with the server synchronously: keep it off the loop.
+        await asyncio.to_thread(self._client.initialize_client)
+        self._started = True
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._client.destroy)
+
+    def is_enabled(self, flag: str, user_id: str) -> bool:
+        context = {**self.static_context, "userId": user_id} if user_id else None
+        if context is None:
+            return False
+        return bool(self._client.is_enabled(flag, context))
+
+    def rollout_percent(self, flag: str) -> float:
+        return rollout_percent(self.flags, flag)
+
+    def _mirror(self, raw: Any) -> None:
+        try:
+            self._flags = parse_flags(raw if isinstance(raw, str | bytes) else dict(raw))
+        except (FlagsDocumentError, TypeError, ValueError) as exc:
+            log.error("features document from Unleash not mirrored: %s", exc)

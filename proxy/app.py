@@ -1,0 +1,205 @@
+"""Assembly and life cycle of a running proxy: listeners, flags, upstream pool (I/O).
+
+``ProxyServer`` binds the proxy and admin listeners, loads the flags (the proxy is
+not ready before), and on ``stop`` drains: it stops accepting, reports not ready,
+closes WebSocket sessions with 1001, lets HTTP exchanges in flight finish within
+``server.shutdown_grace``, then cancels what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from types import TracebackType
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from flags.file import FileFlagProvider
+from flags.provider import FlagProvider
+from flags.unleash import UnleashFlagProvider
+from proxy.admin import build_admin_app
+from proxy.context import PROXY_KEY, Proxy
+from proxy.http_relay import relay_http
+from proxy.metrics import Metrics
+from proxy.routing import UNROUTED, Backend, RouteTable, choose_backend
+from proxy.settings import FlagSettings, Settings
+from proxy.websocket_relay import close_all, is_websocket_upgrade, relay_websocket
+
+log = logging.getLogger("strangler")
+
+
+def build_flag_provider(flags: FlagSettings) -> FlagProvider:
+    """The provider named by ``flags.provider``."""
+    static_context = {"environment": flags.environment, "appName": flags.app_name}
+    if flags.provider == "unleash":
+        assert flags.url is not None and flags.client_token is not None
+        return UnleashFlagProvider(
+            url=flags.url,
+            client_token=flags.client_token.get_secret_value(),
+            app_name=flags.app_name,
+            environment=flags.environment,
+            project=flags.project,
+            refresh_interval=flags.refresh_interval,
+            bootstrap_file=flags.file,
+            static_context=static_context,
+        )
+    assert flags.file is not None
+    return FileFlagProvider(
+        flags.file, poll_interval=flags.poll_interval, static_context=static_context
+    )
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    proxy = request.app[PROXY_KEY]
+    route = proxy.routes.match(request.path)
+    user_id = request.headers.get(proxy.identity_header) or None
+    backend = choose_backend(route, user_id, proxy.flags.is_enabled)
+    label = route.name if route is not None else UNROUTED
+    if is_websocket_upgrade(request):
+        return await relay_websocket(request, proxy, label, backend)
+    return await relay_http(request, proxy, label, backend)
+
+
+def build_proxy_app(proxy: Proxy) -> web.Application:
+    app = web.Application(handler_args={"max_field_size": 16384})
+    app[PROXY_KEY] = proxy
+    app.router.add_route("*", "/{tail:.*}", handle)
+
+    async def close_websockets(app: web.Application) -> None:
+        await close_all(app[PROXY_KEY])
+
+    app.on_shutdown.append(close_websockets)
+    return app
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.create_server((host, port), backlog=1024)
+    sock.setblocking(False)
+    return sock
+
+
+class ProxyServer:
+    """A proxy and its admin listener, started and stopped as one."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: CollectorRegistry | None = None,
+        flags: FlagProvider | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = Metrics(registry)
+        self.flags = flags if flags is not None else build_flag_provider(settings.flags)
+        self.proxy: Proxy | None = None
+        self._runners: list[web.AppRunner] = []
+        self.proxy_port = 0
+        self.admin_port = 0
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://{self.settings.server.host}:{self.proxy_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.settings.admin.host}:{self.admin_port}"
+
+    async def start(self) -> None:
+        server = self.settings.server
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=server.upstream_connections, limit_per_host=0, keepalive_timeout=30
+            ),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=server.connect_timeout, sock_read=server.read_timeout
+            ),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        self.proxy = proxy = Proxy(
+            settings=self.settings,
+            routes=RouteTable(self.settings.routes),
+            flags=self.flags,
+            metrics=self.metrics,
+            session=session,
+            backend_urls={
+                Backend.LEGACY: self.settings.backends.legacy,
+                Backend.CANDIDATE: self.settings.backends.candidate,
+            },
+        )
+        # Admin first: /healthz answers and /readyz says "not ready" while flags load.
+        admin_sock = _listen(self.settings.admin.host, self.settings.admin.port)
+        self.admin_port = admin_sock.getsockname()[1]
+        await self._serve(build_admin_app(proxy), admin_sock, shutdown_timeout=1.0)
+        await self.flags.start()
+        proxy_sock = _listen(server.host, server.port)
+        self.proxy_port = proxy_sock.getsockname()[1]
+        await self._serve(build_proxy_app(proxy), proxy_sock, server.shutdown_grace)
+        log.info(
+            "strangler listening on %s (admin %s), legacy %s, candidate %s, flags %s",
+            self.proxy_url,
+            self.admin_url,
+            self.settings.backends.legacy,
+            self.settings.backends.candidate,
+            self.flags.name,
+        )
+
+    async def _serve(
+        self, app: web.Application, sock: socket.socket, shutdown_timeout: float
+    ) -> None:
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            shutdown_timeout=shutdown_timeout,
+            access_log=None,
+        )
+        await runner.setup()
+        await web.SockSite(runner, sock, backlog=1024).start()
+        self._runners.append(runner)
+
+    async def stop(self) -> None:
+        proxy = self.proxy
+        if proxy is not None:
+            proxy.draining = True
+        # Proxy listener first (it was started last), admin last so /readyz says why.
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        await self.flags.close()
+        if proxy is not None:
+            await proxy.session.close()
+        log.info("strangler stopped")
+
+    async def __aenter__(self) -> ProxyServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT, then drain and return the exit status."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = ProxyServer(settings)
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop()
+        raise
+    await stop.wait()
+    log.info("signal received: draining (grace %.1f s)", settings.server.shutdown_grace)
+    await server.stop()
+    return 0

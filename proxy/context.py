@@ -1,0 +1,34 @@
+"""What the relays share: the running proxy's parts, built once at start (shell)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from flags.provider import FlagProvider
+from proxy.metrics import Metrics
+from proxy.routing import Backend, RouteTable
+from proxy.settings import Settings
+
+
+@dataclass(eq=False)
+class Proxy:
+    """The running proxy: settings, route table, flags, metrics and upstream pool."""
+
+    settings: Settings
+    routes: RouteTable
+    flags: FlagProvider
+    metrics: Metrics
+    session: aiohttp.ClientSession
+    backend_urls: dict[Backend, str]
+    websockets: set[web.WebSocketResponse] = field(default_factory=set)
+    draining: bool = False
+
+    @property
+    def identity_header(self) -> str:
+        return self.settings.identity.header
+
+
+PROXY_KEY = web.AppKey("strangler_proxy", Proxy)

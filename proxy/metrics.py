@@ -1,0 +1,129 @@
+"""Every Prometheus collector of the proxy, on a registry of its own (I/O-free shell part).
+
+Names and labels are the contract of SPEC section 11 that dashboards and alert rules
+use. No label carries a user id or any other unbounded value: routes, backends, roles,
+outcomes, kinds and reasons all come from small fixed sets or the configuration.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
+
+class Outcome(enum.StrEnum):
+    """How one exchange ended, as seen by the proxy."""
+
+    SUCCESS = "success"  # backend answered 1xx-3xx / WebSocket closed normally
+    CLIENT_ERROR = "client_error"  # backend answered 4xx
+    SERVER_ERROR = "server_error"  # backend answered 5xx
+    UNREACHABLE = "unreachable"  # no connection to the backend (502 / 1014)
+    TIMEOUT = "timeout"  # backend too slow (504 / 1011)
+    TOO_LARGE = "too_large"  # request body or message over the limit (413 / 1009)
+    BROKEN = "broken"  # backend failed mid-stream
+    CLIENT_CLOSED = "client_closed"  # the client went away first
+
+
+ERROR_OUTCOMES = frozenset(
+    {Outcome.SERVER_ERROR, Outcome.UNREACHABLE, Outcome.TIMEOUT, Outcome.BROKEN}
+)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "strangler_requests_total",
+            "Exchanges relayed, by route, backend, role and outcome.",
+            ["route", "backend", "role", "outcome"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "strangler_request_duration_seconds",
+            "Time from the request to the last byte of the response.",
+            ["route", "backend", "role"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_event = Histogram(
+            "strangler_first_event_seconds",
+            "Time from the request (or WebSocket client message) to the first event.",
+            ["route", "backend", "role"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.comparisons = Counter(
+            "strangler_comparisons_total",
+            "Primary and shadow sequences compared, by outcome.",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.divergences = Counter(
+            "strangler_divergences_total",
+            "Differences found between primary and shadow sequences, by kind.",
+            ["route", "kind"],
+            registry=r,
+        )
+        self.contract_violations = Counter(
+            "strangler_contract_violations_total",
+            "Event sequences that break the route's event contract.",
+            ["route", "backend"],
+            registry=r,
+        )
+        self.isolation_violations = Counter(
+            "strangler_isolation_violations_total",
+            "Events carrying another user's id, withheld from the client.",
+            ["route", "backend"],
+            registry=r,
+        )
+        self.shadow_dropped = Counter(
+            "strangler_shadow_dropped_total",
+            "Shadow runs not started or not finished, by reason.",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.rollout_percent = Gauge(
+            "strangler_rollout_percent",
+            "The flag's rollout percentage as this replica sees it.",
+            ["route", "flag"],
+            registry=r,
+        )
+        self.rollbacks = Counter(
+            "strangler_rollbacks_total",
+            "Automatic and operator rollbacks, by reason.",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.judge_state = Gauge(
+            "strangler_judge_state",
+            "0 healthy, 1 holding, 2 failing, 3 rolled back.",
+            ["route"],
+            registry=r,
+        )
+        self.websocket_sessions = Gauge(
+            "strangler_websocket_sessions",
+            "WebSocket sessions open now.",
+            ["route", "backend"],
+            registry=r,
+        )
