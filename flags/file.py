@@ -51,6 +51,7 @@ class FileFlagProvider:
         self._flags: FlagSet | None = None
         self._identity: tuple[int, int, int] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._reloaded = asyncio.Event()
 
     @property
     def ready(self) -> bool:
@@ -94,8 +95,15 @@ class FileFlagProvider:
         self._identity = identity
         self._flags = flags
         self.reloads += 1
+        # Wake whoever waits for this reload, then arm a fresh event for the next one.
+        self._reloaded.set()
+        self._reloaded = asyncio.Event()
         log.info("flags reloaded from %s (%d features)", self.path, len(flags.features))
         return True
+
+    async def wait_for_reload(self) -> None:
+        """Return after the next snapshot is in force."""
+        await self._reloaded.wait()
 
     async def _watch(self) -> None:
         while True:

@@ -209,18 +209,21 @@ def load_settings(path: Path, environ: dict[str, str] | None = None) -> Settings
         raise ConfigError([ConfigProblem("(file)", f"cannot read: {exc}", source)]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([ConfigProblem("(file)", f"invalid TOML: {exc}", source)]) from None
-    problems = _unknown_env_keys(env)
 
     def source_of(key: str) -> str:
         return _source_of(key, env, source)
 
     settings: Settings | None = None
+    problems: list[ConfigProblem] = []
     try:
         settings = _with_environ(env, lambda: Settings(**data))
     except ValidationError as exc:
         for error in exc.errors():
             key = _dotted(error["loc"])
             problems.append(ConfigProblem(key, error["msg"], source_of(key)))
+    # pydantic-settings refuses some unknown environment keys itself: name each once.
+    named = {(p.key, p.source) for p in problems}
+    problems.extend(p for p in _unknown_env_keys(env) if (p.key, p.source) not in named)
     checked = data if settings is None else settings.model_dump(mode="python")
     problems.extend(cross_check(checked, path.parent, source_of))
     if problems or settings is None:

@@ -174,8 +174,9 @@ class _Session:
                 await upstream.pong(msg.data)
             elif msg.type is WSMsgType.CLOSE:
                 code = sendable(msg.data)
-                await client.close(code=code, message=msg.extra.encode() if msg.extra else b"")
-                await upstream.close(code=code, message=msg.extra.encode() if msg.extra else b"")
+                reason = msg.extra.encode() if msg.extra else b""
+                await upstream.close(code=code, message=reason)
+                await client.close(code=code, message=reason)
                 return
             elif msg.type is WSMsgType.ERROR:
                 code = client.close_code or WSCloseCode.INTERNAL_ERROR

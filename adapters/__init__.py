@@ -1,0 +1,1 @@
+"""Sans-I/O adapters: bytes or frames in, ordered event sequences out."""

@@ -1,0 +1,210 @@
+"""The admin listener: health, readiness, and the Prometheus metrics of real traffic."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from flags.file import FileFlagProvider
+from proxy.app import ProxyServer
+from tests.proxy_harness import ROUTES, flags_document, make_settings, running_proxy, write_flags
+
+ServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+class HeldFlags(FileFlagProvider):
+    """A file provider whose first load waits until the test lets it finish."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.called = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def start(self) -> None:
+        self.called.set()
+        await self.release.wait()
+        await super().start()
+
+
+async def test_the_proxy_is_not_ready_until_the_flags_are_loaded(tmp_path: Path) -> None:
+    path = write_flags(tmp_path / "flags.json", flags_document())
+    settings = make_settings("http://127.0.0.1:9", "http://127.0.0.1:9", path)
+    flags = HeldFlags(path)
+    server = ProxyServer(settings, registry=CollectorRegistry(), flags=flags)
+    starting = asyncio.create_task(server.start())
+    try:
+        await flags.called.wait()
+        async with aiohttp.ClientSession() as client:
+            async with client.get(server.admin_url + "/healthz") as resp:
+                assert resp.status == 200
+            async with client.get(server.admin_url + "/readyz") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["reasons"] == ["flags not loaded"]
+            flags.release.set()
+            await starting
+            async with client.get(server.admin_url + "/readyz") as resp:
+                assert resp.status == 200
+    finally:
+        flags.release.set()
+        await starting
+        await server.stop()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(
+    found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_count_real_traffic_without_user_ids_in_labels(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    async def http(request: web.Request) -> web.StreamResponse:
+        if request.path.startswith("/echo/fail"):
+            return web.Response(status=503)
+        return web.Response(text="ok")
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        sock = web.WebSocketResponse()
+        await sock.prepare(request)
+        async for msg in sock:
+            await sock.send_str("event:" + msg.data)
+        return sock
+
+    app = web.Application()
+    app.router.add_get("/ws/agent", ws)
+    app.router.add_route("*", "/{tail:.*}", http)
+    backend = await aiohttp_server(app)
+    url = f"http://127.0.0.1:{backend.port}"
+    path = write_flags(tmp_path / "flags.json", flags_document(rollout=50))
+    async with running_proxy(make_settings(url, url, path, routes=ROUTES)) as proxy:
+        async with aiohttp.ClientSession() as client:
+            for i in range(40):
+                headers = {"X-User-Id": f"user-{i}"}
+                async with client.get(proxy.proxy_url + "/echo/x", headers=headers) as resp:
+                    assert resp.status == 200
+            async with client.get(proxy.proxy_url + "/echo/fail") as resp:
+                assert resp.status == 503
+            async with client.get(proxy.proxy_url + "/unrouted") as resp:
+                assert resp.status == 200
+            sock = await client.ws_connect(
+                proxy.proxy_url + "/ws/agent", headers={"X-User-Id": "user-ws"}
+            )
+            await sock.send_str("hi")
+            assert await sock.receive_str() == "event:hi"
+            async with client.get(proxy.admin_url + "/metrics") as resp:
+                assert resp.headers["Content-Type"].startswith("text/plain")
+                during = samples(await resp.text())
+            await sock.close()
+            async with client.get(proxy.admin_url + "/metrics") as resp:
+                after_text = await resp.text()
+                after = samples(after_text)
+
+    legacy = value(
+        during,
+        "strangler_requests_total",
+        route="echo",
+        backend="legacy",
+        role="primary",
+        outcome="success",
+    )
+    candidate = value(
+        during,
+        "strangler_requests_total",
+        route="echo",
+        backend="candidate",
+        role="primary",
+        outcome="success",
+    )
+    assert legacy + candidate == 40 and legacy > 0 and candidate > 0
+    assert (
+        value(
+            during,
+            "strangler_requests_total",
+            route="echo",
+            backend="legacy",
+            role="primary",
+            outcome="server_error",
+        )
+        == 1
+    )
+    assert (
+        value(
+            during,
+            "strangler_requests_total",
+            route="_unrouted",
+            backend="legacy",
+            role="primary",
+            outcome="success",
+        )
+        == 1
+    )
+    assert (
+        value(
+            during,
+            "strangler_request_duration_seconds_count",
+            route="echo",
+            backend="legacy",
+            role="primary",
+        )
+        == legacy + 1
+    )
+    assert (
+        value(
+            during,
+            "strangler_first_event_seconds_count",
+            route="echo",
+            backend="candidate",
+            role="primary",
+        )
+        == candidate
+    )
+    ws_backend = (
+        "candidate"
+        if any(
+            v
+            for (n, labels), v in during.items()
+            if n == "strangler_websocket_sessions" and ("backend", "candidate") in labels
+        )
+        else "legacy"
+    )
+    assert value(during, "strangler_websocket_sessions", route="agent", backend=ws_backend) == 1
+    assert (
+        value(
+            during,
+            "strangler_first_event_seconds_count",
+            route="agent",
+            backend=ws_backend,
+            role="primary",
+        )
+        == 1
+    )
+    assert value(during, "strangler_rollout_percent", route="agent", flag="ssot-dispatcher") == 50
+    assert value(after, "strangler_websocket_sessions", route="agent", backend=ws_backend) == 0
+    assert (
+        value(
+            after,
+            "strangler_requests_total",
+            route="agent",
+            backend=ws_backend,
+            role="primary",
+            outcome="success",
+        )
+        == 1
+    )
+    assert "user-" not in after_text
