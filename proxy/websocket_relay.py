@@ -126,6 +126,9 @@ class _Session:
         self.client = client
         self.upstream = upstream
         self.outcome = Outcome.SUCCESS
+        # Set once either leg starts the closing handshake, so that the other leg's
+        # reader, which then sees its connection end, does not take it for a failure.
+        self.closing = False
         self.turn_started: float | None = None
         self.first_event = proxy.metrics.first_event.labels(route, backend.value, "primary")
 
@@ -172,13 +175,17 @@ class _Session:
                 await upstream.ping(msg.data)
             elif msg.type is WSMsgType.PONG:
                 await upstream.pong(msg.data)
+            elif self.closing:
+                return
             elif msg.type is WSMsgType.CLOSE:
+                self.closing = True
                 code = sendable(msg.data)
                 reason = msg.extra.encode() if msg.extra else b""
                 await upstream.close(code=code, message=reason)
                 await client.close(code=code, message=reason)
                 return
             elif msg.type is WSMsgType.ERROR:
+                self.closing = True
                 code = client.close_code or WSCloseCode.INTERNAL_ERROR
                 if code == WSCloseCode.MESSAGE_TOO_BIG:
                     self.outcome = Outcome.TOO_LARGE
@@ -188,6 +195,7 @@ class _Session:
                 await upstream.close(code=WSCloseCode.GOING_AWAY)
                 return
             else:  # CLOSING / CLOSED: the client is gone
+                self.closing = True
                 self.outcome = Outcome.CLIENT_CLOSED
                 await upstream.close(code=WSCloseCode.GOING_AWAY)
                 return
@@ -206,7 +214,10 @@ class _Session:
                 await client.ping(msg.data)
             elif msg.type is WSMsgType.PONG:
                 await client.pong(msg.data)
+            elif self.closing:
+                return
             elif msg.type is WSMsgType.CLOSE:
+                self.closing = True
                 code = sendable(msg.data)
                 if code >= 1011 and code < 3000:
                     self.outcome = Outcome.SERVER_ERROR
@@ -215,6 +226,7 @@ class _Session:
                 return
             else:
                 # The backend went away without a close frame, or sent garbage.
+                self.closing = True
                 too_big = upstream.close_code == WSCloseCode.MESSAGE_TOO_BIG
                 code = WSCloseCode.MESSAGE_TOO_BIG if too_big else WSCloseCode.INTERNAL_ERROR
                 self.outcome = Outcome.TOO_LARGE if too_big else Outcome.BROKEN

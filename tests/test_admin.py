@@ -207,4 +207,4 @@ async def test_metrics_count_real_traffic_without_user_ids_in_labels(
         )
         == 1
     )
-    assert "user-" not in after_text
+    assert "user-" not in after_text, after_text
