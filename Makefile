@@ -1,6 +1,6 @@
 # strangler: build, demo and test entry points. Everything a target needs it installs.
 SHELL := /bin/bash
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint typecheck unit wheel bench clean services-deps
 
 $(STAMP): pyproject.toml
-	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "python3.11 is required"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11 or newer is required"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -19,6 +19,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check proxy adapters flags tests bench
+	$(VENV)/bin/ruff format --check proxy adapters flags tests bench
 	$(VENV)/bin/mypy
 
 # The whole suite: lint, types, then pytest with the real services (PostgreSQL,
@@ -34,3 +35,6 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info tests/services/node_modules
+
+wheel: $(STAMP)
+	$(PY) -m build --wheel --no-isolation --outdir dist .
