@@ -59,14 +59,12 @@ class _Section(BaseModel):
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
-    workers: Annotated[int, Field(ge=1, le=64)] = 1
     max_body_bytes: Annotated[int, Field(ge=0)] = 10 * 1024 * 1024
     max_ws_message_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
     connect_timeout: Seconds = 5.0
     read_timeout: Seconds = 60.0
     upstream_connections: Annotated[int, Field(ge=1)] = 512
     shutdown_grace: Seconds = 20.0
-    ws_drain_seconds: Seconds = 30.0
 
 
 class AdminSettings(_Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -98,7 +99,9 @@ def test_every_key_can_be_overridden_from_the_environment(config: Path) -> None:
             "STRANGLER_ADMIN__TOKEN": "from-env",
             "STRANGLER_BACKENDS__CANDIDATE": "http://10.0.0.2:80",
             "STRANGLER_IDENTITY__HEADER": "X-Account",
-            "STRANGLER_ROUTES": '[{"name": "api", "path": "/api", "protocol": "json", "flag": "f"}]',
+            "STRANGLER_ROUTES": json.dumps(
+                [{"name": "api", "path": "/api", "protocol": "json", "flag": "f"}]
+            ),
         },
     )
     assert settings.server.port == 9999
