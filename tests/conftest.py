@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins: list[str] = []
+pytest_plugins = ["tests.services_fixtures"]
 
 
 @pytest.fixture
