@@ -223,3 +223,29 @@ async def test_a_backend_that_vanishes_closes_the_client_with_1011(
             msg = await ws.receive()
             assert msg.type is WSMsgType.CLOSE
             assert msg.data == 1011
+
+
+async def test_a_backend_that_never_completes_the_handshake_closes_the_client_with_1011(
+    tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # reads the upgrade request and never answers
+
+    silent_server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{silent_server.sockets[0].getsockname()[1]}"
+    flags = write_flags(tmp_path / "flags.json", flags_document(rollout=0))
+    settings = make_settings(url, url, flags, routes=ROUTES, server={"read_timeout": 0.3})
+    try:
+        async with running_proxy(settings) as server:
+            async with await connect(client, server) as ws:
+                msg = await ws.receive()
+                assert msg.type is WSMsgType.CLOSE
+                assert msg.data == 1011
+                assert msg.extra == "backend timeout"
+    finally:
+        for writer in accepted:
+            writer.close()
+        silent_server.close()
+        await silent_server.wait_closed()
