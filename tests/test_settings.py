@@ -105,6 +105,8 @@ def test_every_key_can_be_overridden_from_the_environment(config: Path) -> None:
         },
     )
     assert settings.server.port == 9999
+    assert settings.server.host == "127.0.0.1"  # the rest of the section still comes from the file
+    assert settings.admin.port == 8081
     assert settings.admin.token is not None
     assert settings.admin.token.get_secret_value() == "from-env"
     assert settings.backends.candidate == "http://10.0.0.2:80"
