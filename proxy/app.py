@@ -27,6 +27,7 @@ from proxy.http_relay import relay_http
 from proxy.metrics import Metrics
 from proxy.routing import UNROUTED, Backend, RouteTable, choose_backend
 from proxy.settings import FlagSettings, Settings
+from proxy.upstream import UpstreamPool
 from proxy.websocket_relay import close_all, is_websocket_upgrade, relay_websocket
 
 log = logging.getLogger("strangler")
@@ -126,6 +127,11 @@ class ProxyServer:
             flags=self.flags,
             metrics=self.metrics,
             session=session,
+            pool=UpstreamPool(
+                max_connections=server.upstream_connections,
+                connect_timeout=server.connect_timeout,
+                read_timeout=server.read_timeout,
+            ),
             backend_urls={
                 Backend.LEGACY: self.settings.backends.legacy,
                 Backend.CANDIDATE: self.settings.backends.candidate,
@@ -172,6 +178,7 @@ class ProxyServer:
         await self.flags.close()
         if proxy is not None:
             await proxy.session.close()
+            await proxy.pool.close()
         log.info("strangler stopped")
 
     async def __aenter__(self) -> ProxyServer:

@@ -11,6 +11,7 @@ from flags.provider import FlagProvider
 from proxy.metrics import Metrics
 from proxy.routing import Backend, RouteTable
 from proxy.settings import Settings
+from proxy.upstream import UpstreamPool
 
 
 @dataclass(eq=False)
@@ -21,7 +22,8 @@ class Proxy:
     routes: RouteTable
     flags: FlagProvider
     metrics: Metrics
-    session: aiohttp.ClientSession
+    session: aiohttp.ClientSession  # WebSocket upstream connections
+    pool: UpstreamPool  # HTTP upstream exchanges
     backend_urls: dict[Backend, str]
     websockets: set[web.WebSocketResponse] = field(default_factory=set)
     draining: bool = False

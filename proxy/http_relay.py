@@ -2,11 +2,12 @@
 
 The request body is read once, up to the configured limit (413 beyond it), before the
 backend is contacted, so an oversized upload never reaches a backend half-sent. The
-response is relayed as raw bytes (``auto_decompress=False``: compressed bodies stay
-compressed) chunk by chunk as the backend sends them; ``write`` waits for the client to
-drain, and the upstream reader pauses when its buffer is full, so a slow reader holds
-back the backend instead of growing the proxy's memory. A client that goes away cancels
-the handler (``handler_cancellation``), which closes the upstream exchange at once.
+response is relayed as raw bytes (compressed bodies stay compressed) chunk by chunk as
+the backend sends them, through the lean upstream pool of ``proxy.upstream``; ``write``
+waits for the client to drain, and the upstream reader pauses when its buffer is full,
+so a slow reader holds back the backend instead of growing the proxy's memory. A client
+that goes away cancels the handler (``handler_cancellation``), which closes the upstream
+exchange at once.
 """
 
 from __future__ import annotations
@@ -14,21 +15,17 @@ from __future__ import annotations
 import logging
 import time
 
-import aiohttp
 import orjson
 from aiohttp import web
-from yarl import URL
+from multidict import CIMultiDict
 
 from proxy.context import Proxy
 from proxy.headers import downstream_response_headers, upstream_request_headers
 from proxy.metrics import Outcome
 from proxy.routing import Backend
+from proxy.upstream import UpstreamError, UpstreamTimeout, UpstreamUnreachable
 
 log = logging.getLogger("strangler.relay")
-
-# aiohttp's client would add these unless told not to; the backend must see the
-# client's headers, not the proxy's defaults.
-_SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 
 
 class BodyTooLarge(Exception):
@@ -113,49 +110,59 @@ async def _exchange(
         proto=request.scheme,
         host=request.host,
     )
-    headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
-    url = URL(proxy.backend_urls[backend] + request.raw_path, encoded=True)
     try:
-        upstream = await proxy.session.request(
-            request.method,
-            url,
-            headers=headers,
-            data=body if body or request.body_exists else None,
-            allow_redirects=False,
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
+        upstream = await proxy.pool.request(
+            proxy.backend_urls[backend], request.method, request.raw_path, headers, body
         )
-    except aiohttp.ClientConnectorError as exc:
+    except UpstreamUnreachable as exc:
         return _failure(502, "backend_unreachable", str(exc), backend, route, Outcome.UNREACHABLE)
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+    except UpstreamTimeout as exc:
         detail = str(exc) or "no response within the backend timeout"
         return _failure(504, "backend_timeout", detail, backend, route, Outcome.TIMEOUT)
-    except aiohttp.ClientError as exc:
+    except UpstreamError as exc:
         return _failure(502, "backend_error", str(exc), backend, route, Outcome.BROKEN)
+    except ValueError as exc:
+        # A header the upstream client refuses to send (a control character, a
+        # conflicting length): the request itself is malformed.
+        return error_response(400, "bad_request", str(exc), backend, route), Outcome.CLIENT_ERROR
 
+    first_event = proxy.metrics.first_event.labels(route, backend.value, "primary")
+    outcome = outcome_of_status(upstream.status)
+    response_headers = CIMultiDict(downstream_response_headers(upstream.headers, backend.value))
     async with upstream:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for name, value in downstream_response_headers(upstream.headers.items(), backend.value):
-            response.headers.add(name, value)
-        await response.prepare(request)
-        first_event = proxy.metrics.first_event.labels(route, backend.value, "primary")
+        if upstream.complete:
+            # The whole body came with the head: answer in one write, nothing to stream.
+            parts = [chunk async for chunk in upstream]
+            first_event.observe(time.perf_counter() - started)
+            response = web.Response(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=response_headers,
+                body=b"".join(parts) if parts else None,
+            )
+            return response, outcome
+        stream = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=response_headers
+        )
+        await stream.prepare(request)
         first = True
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream:
                 if first:
                     first_event.observe(time.perf_counter() - started)
                     first = False
-                await response.write(chunk)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+                await stream.write(chunk)
+        except UpstreamError as exc:
             # The status line is gone already: the only honest signal left is to cut
             # the client's connection so it cannot mistake a truncated body for a whole one.
-            log.warning("backend %s failed mid-response on route %s: %r", backend, route, exc)
+            log.warning("backend %s failed mid-response on route %s: %s", backend, route, exc)
             if request.transport is not None:
                 request.transport.close()
-            return response, Outcome.BROKEN
+            return stream, Outcome.BROKEN
         if first:
             first_event.observe(time.perf_counter() - started)
-        await response.write_eof()
-    return response, outcome_of_status(upstream.status)
+        await stream.write_eof()
+    return stream, outcome
 
 
 def _failure(

@@ -1,0 +1,987 @@
+"""A lean HTTP/1.1 client pool for talking to the backends (I/O).
+
+It owns the proxy's upstream connections: opening them (``connect_timeout``, an optional
+TLS context), a total connection limit with a FIFO queue of waiters, a LIFO stack of
+idle keep-alive connections per origin that expire after ``keepalive_timeout``, and one
+retry on a fresh connection when a reused one turns out to have been closed by the
+server in the meantime. Each connection is an ``asyncio.Protocol`` whose bytes go
+straight into httptools (llhttp, strict mode), so a request costs one ``transport.write``
+and, for a small response, one future; the per-connection timer is re-armed lazily so a
+busy connection does not pay for a timer per request. The response body is streamed as
+it arrives with reading paused above a high-water mark, and every framing doubt
+(Content-Length with Transfer-Encoding, duplicate lengths, bad chunks, a short body,
+bytes the server should not have sent) fails the exchange and closes the connection
+rather than risk answering one request with the bytes of another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+import ssl
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, cast
+from urllib.parse import urlsplit
+
+import httptools
+
+__all__ = [
+    "PoolStats",
+    "UpstreamError",
+    "UpstreamPool",
+    "UpstreamResponse",
+    "UpstreamTimeout",
+    "UpstreamUnreachable",
+]
+
+
+class UpstreamError(Exception):
+    """The backend's answer could not be read or trusted; the connection was closed."""
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No connection to the backend: refused, unknown host, or another connect error."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """No connection within ``connect_timeout``, or no bytes within ``read_timeout``."""
+
+
+# Reading pauses above the high-water mark and resumes below the low one: the buffered
+# body is bounded by the high mark plus one read of the transport.
+_HIGH_WATER: Final = 256 * 1024
+_LOW_WATER: Final = 64 * 1024
+# Buffered pieces are handed out joined up to this size; beyond it a join is a copy of
+# pieces big enough to stand on their own.
+_JOIN_BELOW: Final = 64 * 1024
+# Below this the body is copied behind the head so the request leaves in one write
+# (and, with TCP_NODELAY, in one segment); above it the copy costs more than a syscall.
+_COALESCE_BODY: Final = 16 * 1024
+# Timers may fire a little early (the loop's clock resolution); do not re-arm for that.
+_TIMER_SLACK: Final = 0.001
+
+_IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+_BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+
+_TOKEN: Final = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_FIELD: Final = rf"{_TOKEN}: [^\r\n\x00]*"
+# Every header line at once: names are tokens (so "Content-Length :" cannot slip past
+# the checks below), values carry no NUL and no CR or LF but the line breaks.
+_HEADER_BLOCK: Final = re.compile(rf"{_FIELD}(?:\r\n{_FIELD})*")
+_METHOD: Final = re.compile(_TOKEN)
+_TARGET: Final = re.compile(r"[^\x00-\x20\x7f]+")
+
+# Phases of a connection's current exchange.
+_IDLE: Final = 0  # no exchange: in the idle stack, just connected, or handed to a waiter
+_HEAD: Final = 1  # request written, waiting for the final response head
+_BODY: Final = 2  # head delivered, body arriving
+_DONE: Final = 3  # the whole response arrived
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A snapshot of the pool's counters."""
+
+    opened: int  # connections established since the pool was made
+    reused: int  # exchanges that ran on a connection which had served before
+    retried: int  # exchanges retried after a reused connection turned out dead
+    discarded: int  # idle connections closed because the server sent unsolicited bytes
+    connections: int  # open or opening connections, in use or idle
+    idle: int
+    waiting: int  # requests queued for a connection slot
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    key: str
+    host: str
+    port: int
+    host_line: str  # "Host: ...\r\n", added unless the caller sent one
+    tls: bool
+
+
+def _parse_origin(origin: str) -> _Origin:
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"origin must be http:// or https://, not {origin!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"origin must be scheme://host[:port] only, not {origin!r}")
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"origin has no host: {origin!r}")
+    tls = parts.scheme == "https"
+    default_port = 443 if tls else 80
+    port = parts.port or default_port
+    authority = f"[{host}]" if ":" in host else host
+    if port != default_port:
+        authority = f"{authority}:{port}"
+    return _Origin(origin, host, port, f"Host: {authority}\r\n", tls)
+
+
+def _has_field(probe: str, name: str) -> bool:
+    """Whether lower-cased header lines ``probe`` have a line starting ``name``."""
+    return probe.startswith(name) or f"\n{name}" in probe
+
+
+def _request_head(
+    origin: _Origin,
+    method: str,
+    target: str,
+    headers: Sequence[tuple[str, str]],
+    body: bytes,
+) -> tuple[bytes, bool]:
+    """The request head as bytes, and whether the caller asked to close the connection."""
+    if _METHOD.fullmatch(method) is None:
+        raise ValueError(f"invalid method {method!r}")
+    if _TARGET.fullmatch(target) is None:
+        raise ValueError(f"invalid request-target {target!r}")
+    add_host = True
+    add_length = bool(body) or method in _BODY_METHODS
+    close = False
+    parts = [method, " ", target, " HTTP/1.1\r\n"]
+    if headers:
+        lines = "\r\n".join(map(": ".join, headers))
+        # The pattern alone would take a value's injected "\r\nName: v" for one more
+        # header; counting the line breaks it allows tells the two apart.
+        if _HEADER_BLOCK.fullmatch(lines) is None or lines.count("\n") != len(headers) - 1:
+            raise ValueError("header names must be tokens and values free of CR, LF and NUL")
+        probe = lines.lower()
+        add_host = not _has_field(probe, "host:")
+        if _has_field(probe, "transfer-encoding:"):
+            # The body is bytes in hand: the pool frames it, a second framing would
+            # let the backend and the pool disagree on where the request ends.
+            raise ValueError("Transfer-Encoding is set by the pool, not the caller")
+        if _has_field(probe, "content-length:"):
+            for name, value in headers:
+                if name.lower() == "content-length" and value.strip() != str(len(body)):
+                    raise ValueError(f"Content-Length {value!r} is not the body's length")
+            add_length = False
+        if _has_field(probe, "connection:"):
+            close = any(
+                name.lower() == "connection"
+                and "close" in (token.strip().lower() for token in value.split(","))
+                for name, value in headers
+            )
+        if add_host:
+            parts.append(origin.host_line)
+        parts.append(lines)
+        parts.append("\r\n")
+    else:
+        parts.append(origin.host_line)
+    if add_length:
+        parts.append(f"Content-Length: {len(body)}\r\n")
+    parts.append("\r\n")
+    # surrogateescape gives back the exact bytes aiohttp's parser decoded the client's
+    # headers and path from, so non-UTF-8 bytes are relayed verbatim.
+    return "".join(parts).encode("utf-8", "surrogateescape"), close
+
+
+class UpstreamResponse:
+    """A backend's response: the head at once, the body streamed with ``read_chunk``.
+
+    Finish with ``release()`` (the connection goes back to the pool if the whole
+    response arrived and keep-alive allows) or ``close()`` (abort), or use
+    ``async with``. A response that is neither released nor closed holds its
+    connection, and its slot in the pool's limit, until the pool is closed.
+    """
+
+    __slots__ = ("_conn", "_ended", "headers", "reason", "status", "version")
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        version: str,
+        headers: list[tuple[str, str]],
+        conn: _Connection,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        # Raw order, duplicates kept (Set-Cookie), names as the backend spelled them.
+        self.headers = headers
+        self._conn: _Connection | None = conn
+        self._ended = False
+
+    def __repr__(self) -> str:
+        return f"<UpstreamResponse {self.status} {self.reason!r}>"
+
+    @property
+    def complete(self) -> bool:
+        """Whether the whole body has arrived (it may still be buffered unread)."""
+        conn = self._conn
+        return self._ended if conn is None else conn._phase == _DONE and conn._exc is None
+
+    @property
+    def buffered(self) -> int:
+        """Body bytes received and not yet read."""
+        conn = self._conn
+        return 0 if conn is None else conn._buffered
+
+    async def read_chunk(self) -> bytes:
+        """The body bytes that arrived since the last call (waiting for some if none
+        did), b"" at the end of the body. Chunked framing is removed; Content-Encoding
+        is not. Raises UpstreamError (after the bytes that did arrive) if the body
+        cannot be read to its end."""
+        conn = self._conn
+        if conn is None:
+            if self._ended:
+                return b""
+            raise UpstreamError("the response was closed before its end")
+        while True:
+            chunks = conn._chunks
+            if chunks:
+                if len(chunks) > 1 and conn._buffered <= _JOIN_BELOW:
+                    # Small pieces go out as one: fewer, larger writes downstream.
+                    data = b"".join(chunks)
+                    chunks.clear()
+                else:
+                    data = chunks.popleft()
+                conn._buffered -= len(data)
+                if conn._paused and conn._buffered <= _LOW_WATER:
+                    conn._resume()
+                return data
+            if conn._exc is not None:
+                raise conn._exc
+            if conn._phase == _DONE:
+                self._ended = True
+                return b""
+            waiter = conn._loop.create_future()
+            conn._waiter = waiter
+            try:
+                await waiter
+            except BaseException:
+                # Cancelled mid-body: the rest of the body is still on its way, so the
+                # connection cannot serve anyone else.
+                conn._waiter = None
+                self.close()
+                raise
+
+    def __aiter__(self) -> UpstreamResponse:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self.read_chunk()
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+
+    def release(self) -> None:
+        """Give the connection back for reuse if the exchange ended cleanly, else close it."""
+        conn = self._conn
+        if conn is None:
+            return
+        self._conn = None
+        done = conn._phase == _DONE and conn._exc is None
+        self._ended = self._ended or done
+        conn._chunks.clear()
+        conn._buffered = 0
+        if done and conn._keep_alive and conn._open:
+            conn._pool._put_idle(conn)
+        else:
+            conn._abort()
+
+    def close(self) -> None:
+        """Abort the connection, e.g. because the client went away mid-stream."""
+        conn = self._conn
+        if conn is None:
+            return
+        self._conn = None
+        conn._chunks.clear()
+        conn._buffered = 0
+        conn._abort()
+
+    async def __aenter__(self) -> UpstreamResponse:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection and the exchange running on it (httptools callbacks)."""
+
+    __slots__ = (
+        "_buffered",
+        "_chunked",
+        "_chunks",
+        "_close_requested",
+        "_eof_body",
+        "_exc",
+        "_fed",
+        "_got_bytes",
+        "_has_length",
+        "_head_only",
+        "_head_size",
+        "_headers",
+        "_idle_since",
+        "_interim",
+        "_keep_alive",
+        "_last_rx",
+        "_loop",
+        "_lost",
+        "_open",
+        "_origin",
+        "_parser",
+        "_paused",
+        "_phase",
+        "_pool",
+        "_pooled",
+        "_reason",
+        "_response",
+        "_said_close",
+        "_said_keep_alive",
+        "_slot",
+        "_stale",
+        "_timer",
+        "_timer_at",
+        "_transport",
+        "_uses",
+        "_violation",
+        "_waiter",
+        "_write_failed",
+    )
+
+    def __init__(self, pool: UpstreamPool, origin: _Origin, loop: asyncio.AbstractEventLoop):
+        self._pool = pool
+        self._origin = origin
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._open = False
+        self._slot = True  # holds one of the pool's max_connections until closed
+        self._pooled = False
+        self._uses = 0
+        self._phase = _IDLE
+        self._idle_since = 0.0
+        self._last_rx = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._waiter: asyncio.Future[None] | None = None
+        self._lost: asyncio.Future[None] | None = None
+        self._parser: Any = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._exc: UpstreamError | None = None
+        self._violation: UpstreamError | None = None
+        self._response: UpstreamResponse | None = None
+        self._reason = b""
+        self._headers: list[tuple[str, str]] = []
+        self._reset_exchange()
+
+    def _reset_exchange(self) -> None:
+        self._head_only = False
+        self._close_requested = False
+        self._head_size = 0
+        self._fed = 0
+        self._interim = False
+        self._keep_alive = False
+        self._eof_body = False
+        self._has_length = False
+        self._chunked = False
+        self._said_close = False
+        self._said_keep_alive = False
+        self._got_bytes = False
+        self._stale = False
+        self._write_failed = False
+
+    # -- transport callbacks ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._open = True
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:
+            # Heads and small bodies must not wait for Nagle's ACK round trip.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._open:
+            return
+        phase = self._phase
+        if phase in (_HEAD, _BODY):
+            self._last_rx = self._loop.time()
+            self._got_bytes = True
+            if phase == _HEAD:
+                self._fed += len(data)
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                self._fail(UpstreamError(f"{self._origin.key} switched protocols"))
+                return
+            except httptools.HttpParserError as exc:
+                error = self._violation or UpstreamError(
+                    f"malformed response from {self._origin.key}: {exc}"
+                )
+                self._fail(error)
+                return
+            if self._phase == _HEAD and self._fed > self._pool._max_head_bytes:
+                self._fail(self._head_too_large())
+        elif phase == _DONE:
+            # Anything after a complete response answers no request of ours: the server
+            # and the pool disagree on framing, so nothing on this connection is trusted.
+            self._fail(UpstreamError(f"{self._origin.key} sent bytes after the response"))
+        else:
+            self._pool._discarded += 1
+            self._fail(UpstreamError(f"{self._origin.key} sent bytes on an idle connection"))
+
+    def eof_received(self) -> bool | None:
+        # Returning None lets the transport close: a half-closed upstream connection is
+        # of no further use, and connection_lost settles the exchange.
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._open:
+            self._open = False
+            self._pool._forget(self)
+        phase = self._phase
+        if self._exc is not None:
+            pass  # the pool closed it on purpose, the error is already recorded
+        elif phase == _HEAD:
+            if not self._got_bytes:
+                # Nothing came back: on a reused connection this is the keep-alive race
+                # (the server closed it while idle), which a retry can paper over.
+                # A reset or EPIPE does not prove the server never read the request,
+                # so only an idempotent request may go again (see request()).
+                self._stale = self._uses > 1
+                error = UpstreamError(f"{self._origin.key} closed the connection before responding")
+            else:
+                error = UpstreamError(f"{self._origin.key} closed the connection mid-head")
+            self._set_error(error)
+        elif phase == _BODY:
+            if self._eof_body:
+                self._phase = _DONE  # a close-delimited body ends with the connection
+            else:
+                self._set_error(UpstreamError(f"{self._origin.key} closed the connection mid-body"))
+        self._wake()
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+
+    # -- httptools callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._phase != _HEAD:
+            raise self._violate(f"{self._origin.key} sent bytes after the response")
+
+    def on_status(self, reason: bytes) -> None:
+        # llhttp hands over spans; a status line split across reads comes in pieces.
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._phase != _HEAD:
+            return  # a chunked body's trailer fields: not relayed, and never framing
+        self._head_size += len(name) + len(value) + 4
+        self._headers.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
+        size = len(name)
+        # The length test keeps lower() off the common headers.
+        if size == 10 and name.lower() == b"connection":
+            tokens = {token.strip() for token in value.lower().split(b",")}
+            self._said_close = self._said_close or b"close" in tokens
+            self._said_keep_alive = self._said_keep_alive or b"keep-alive" in tokens
+        elif size == 14 and name.lower() == b"content-length":
+            self._has_length = True
+        elif size == 17 and name.lower() == b"transfer-encoding":
+            # llhttp frames by chunks only when chunked is the final coding.
+            self._chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+
+    def on_headers_complete(self) -> None:
+        if self._head_size + len(self._reason) > self._pool._max_head_bytes:
+            raise self._violate(str(self._head_too_large()))
+        parser = self._parser
+        status: int = parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise self._violate(f"{self._origin.key} switched protocols")
+            self._interim = True  # 100 Continue, 103 Early Hints: the real head follows
+            return
+        version: str = parser.get_http_version()
+        no_body = self._head_only or status == 204 or status == 304
+        self._eof_body = not no_body and not self._has_length and not self._chunked
+        if version == "1.1":
+            keep_alive = not self._said_close
+        elif version == "1.0":
+            keep_alive = self._said_keep_alive and not self._said_close
+        else:
+            keep_alive = False
+        self._keep_alive = keep_alive and not self._eof_body and not self._close_requested
+        self._response = UpstreamResponse(
+            status,
+            self._reason.decode("utf-8", "surrogateescape"),
+            version,
+            self._headers,
+            self,
+        )
+        self._phase = _BODY
+        self._wake()
+        if self._head_only:
+            # httptools cannot tell llhttp that a HEAD response has no body, so the
+            # exchange ends here; any byte after this is a violation (on_body).
+            self._finish()
+
+    def on_body(self, body: bytes) -> None:
+        if self._phase != _BODY:
+            if self._interim:
+                raise self._violate(f"{self._origin.key} sent a body with an interim response")
+            raise self._violate(f"{self._origin.key} sent bytes after the response")
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > _HIGH_WATER and not self._paused and self._open:
+            assert self._transport is not None
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            self._reason = b""
+            self._headers = []
+            self._has_length = self._chunked = False
+            self._said_close = self._said_keep_alive = False
+            return
+        if self._phase == _BODY:
+            self._finish()
+
+    # -- exchange -----------------------------------------------------------------------
+
+    def _start(
+        self, head: bytes, body: bytes, head_only: bool, close: bool
+    ) -> asyncio.Future[None] | None:
+        """Write the request; the future resolves once the head (or an error) is in."""
+        self._uses += 1
+        self._reset_exchange()
+        self._head_only = head_only
+        self._close_requested = close
+        self._phase = _HEAD
+        self._response = None
+        self._exc = None
+        self._violation = None
+        self._reason = b""
+        self._headers = []
+        self._parser = httptools.HttpResponseParser(self)
+        transport = self._transport
+        if not self._open or transport is None or transport.is_closing():
+            self._stale = self._uses > 1
+            self._write_failed = True
+            self._set_error(UpstreamError(f"connection to {self._origin.key} closed"))
+            return None
+        if body and len(body) <= _COALESCE_BODY:
+            transport.write(head + body)
+        else:
+            transport.write(head)
+            if body:
+                transport.write(body)
+        now = self._loop.time()
+        self._last_rx = now
+        self._arm(now + self._pool._read_timeout)
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        return waiter
+
+    def _finish(self) -> None:
+        self._phase = _DONE
+        self._wake()
+        if not self._keep_alive:
+            self._abort()
+        elif self._paused:
+            # Nothing more is due; reading again lets an idle close be noticed.
+            self._resume()
+
+    def _resume(self) -> None:
+        self._paused = False
+        if self._open and self._transport is not None:
+            self._last_rx = self._loop.time()
+            self._transport.resume_reading()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _violate(self, message: str) -> UpstreamError:
+        # Raised inside a parser callback, which httptools turns into a generic parser
+        # error; data_received reports this one instead.
+        self._violation = UpstreamError(message)
+        return self._violation
+
+    def _head_too_large(self) -> UpstreamError:
+        limit = self._pool._max_head_bytes
+        return UpstreamError(f"{self._origin.key} sent a response head over {limit} bytes")
+
+    def _set_error(self, error: UpstreamError) -> None:
+        if self._exc is None:
+            self._exc = error
+        self._keep_alive = False
+
+    def _fail(self, error: UpstreamError) -> None:
+        self._set_error(error)
+        self._abort()
+        self._wake()
+
+    def _abort(self) -> None:
+        """Close the connection at once; it is never reused."""
+        self._keep_alive = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._open:
+            self._open = False
+            if self._transport is not None:
+                self._transport.abort()
+            self._pool._forget(self)
+        elif self._slot:
+            self._pool._forget(self)
+
+    # -- timer --------------------------------------------------------------------------
+
+    def _arm(self, when: float) -> None:
+        # One timer per connection, moved only when a deadline comes earlier than the
+        # armed one; a late timer re-arms itself when it fires. A busy keep-alive
+        # connection thus schedules a timer about once per timeout, not per request.
+        timer = self._timer
+        if timer is not None:
+            if self._timer_at <= when:
+                return
+            timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._open:
+            return
+        now = self._loop.time()
+        phase = self._phase
+        if phase == _IDLE:
+            if self._pooled:
+                due = self._idle_since + self._pool._keepalive_timeout
+                if now + _TIMER_SLACK >= due:
+                    self._abort()
+                else:
+                    self._arm(due)
+        elif phase in (_HEAD, _BODY):
+            timeout = self._pool._read_timeout
+            if self._paused:
+                # The consumer is behind, not the server.
+                self._arm(now + timeout)
+                return
+            due = self._last_rx + timeout
+            if now + _TIMER_SLACK >= due:
+                what = "response head" if phase == _HEAD else "next body bytes"
+                self._fail(UpstreamTimeout(f"no {what} from {self._origin.key} within {timeout} s"))
+            else:
+                self._arm(due)
+
+    def _park(self, now: float) -> None:
+        """Enter the idle stack."""
+        self._phase = _IDLE
+        self._pooled = True
+        self._idle_since = now
+        self._response = None
+        self._parser = None
+        self._arm(now + self._pool._keepalive_timeout)
+
+
+class UpstreamPool:
+    """Keep-alive HTTP/1.1 connections to the backends, shared by all requests.
+
+    ``request`` returns once the response head is in; the caller then streams the body
+    and releases (or closes) the response. Create it anywhere; it binds to the running
+    loop on first use.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = 512,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        keepalive_timeout: float = 30.0,
+        max_idle_per_origin: int = 256,
+        max_head_bytes: int = 65536,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self._max_connections = max_connections
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._keepalive_timeout = keepalive_timeout
+        self._max_idle = max_idle_per_origin
+        self._max_head_bytes = max_head_bytes
+        self._ssl_context = ssl_context
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._origins: dict[str, _Origin] = {}
+        self._idle: dict[str, list[_Connection]] = {}
+        self._idle_total = 0
+        self._connections = 0  # slots taken: opening or open
+        self._waiters: deque[tuple[asyncio.Future[_Connection | None], str | None]] = deque()
+        self._closed = False
+        self._opened = 0
+        self._reused = 0
+        self._retried = 0
+        self._discarded = 0
+
+    @property
+    def stats(self) -> PoolStats:
+        return PoolStats(
+            opened=self._opened,
+            reused=self._reused,
+            retried=self._retried,
+            discarded=self._discarded,
+            connections=self._connections,
+            idle=self._idle_total,
+            waiting=len(self._waiters),
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def request(
+        self,
+        origin: str,
+        method: str,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes = b"",
+    ) -> UpstreamResponse:
+        """Send one request to ``origin`` ("http://host:port") and return the response
+        once its head is in.
+
+        ``target`` and ``headers`` are sent verbatim (hop-by-hop headers must already be
+        gone); the pool adds Host unless given and frames the body with Content-Length.
+        Raises ValueError for a request that cannot be written safely, UpstreamError
+        (or its Unreachable and Timeout kinds) when the backend cannot answer.
+        """
+        if self._closed:
+            raise UpstreamError("the upstream pool is closed")
+        place = self._origins.get(origin)
+        if place is None:
+            place = self._origin(origin)
+        head, close = _request_head(place, method, target, headers, body)
+        head_only = method == "HEAD"
+        conn = self._pop_idle(place.key)
+        if conn is None:
+            conn = await self._acquire(place, fresh=False)
+        try:
+            return await self._exchange(conn, head, body, head_only, close)
+        except UpstreamError:
+            # The server closing an idle connection races with our next request on it;
+            # nothing was answered, so an idempotent request (or one never written) can
+            # safely go again on a new connection. Once.
+            if not conn._stale or not (method in _IDEMPOTENT or conn._write_failed):
+                raise
+        self._retried += 1
+        conn = await self._acquire(place, fresh=True)
+        return await self._exchange(conn, head, body, head_only, close)
+
+    async def close(self) -> None:
+        """Close idle connections and refuse new requests; connections in use close
+        when their response is released."""
+        self._closed = True
+        while self._waiters:
+            waiter, _ = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(UpstreamError("the upstream pool is closed"))
+        closing = [conn for stack in self._idle.values() for conn in stack]
+        lost: list[asyncio.Future[None]] = []
+        for conn in closing:
+            if self._loop is not None and conn._transport is not None:
+                conn._lost = self._loop.create_future()
+                lost.append(conn._lost)
+            conn._abort()
+        if lost:
+            # Let the transports finish closing so no socket outlives the pool.
+            await asyncio.wait(lost, timeout=1.0)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _origin(self, origin: str) -> _Origin:
+        place = _parse_origin(origin)
+        if place.tls and self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        if len(self._origins) >= 1024:
+            self._origins.clear()  # origins come from configuration; bound a misuse
+        self._origins[origin] = place
+        return place
+
+    async def _exchange(
+        self, conn: _Connection, head: bytes, body: bytes, head_only: bool, close: bool
+    ) -> UpstreamResponse:
+        if conn._uses:
+            self._reused += 1
+        waiter = conn._start(head, body, head_only, close)
+        if waiter is not None:
+            try:
+                await waiter
+            except BaseException:
+                conn._abort()  # cancelled: a half-used connection never goes back
+                raise
+        response = conn._response
+        if response is None:
+            conn._abort()
+            error = conn._exc or UpstreamError(f"no response from {conn._origin.key}")
+            raise error
+        return response
+
+    def _pop_idle(self, key: str) -> _Connection | None:
+        stack = self._idle.get(key)
+        if not stack:
+            return None
+        conn = stack.pop()  # LIFO: the warmest connection, and the cold ones expire
+        conn._pooled = False
+        self._idle_total -= 1
+        return conn
+
+    def _put_idle(self, conn: _Connection) -> None:
+        if self._closed:
+            conn._abort()
+            return
+        key = conn._origin.key
+        waiters = self._waiters
+        while waiters:
+            waiter, wanted = waiters[0]
+            if waiter.done():
+                waiters.popleft()
+                continue
+            if wanted == key:
+                waiters.popleft()
+                conn._phase = _IDLE
+                conn._response = None
+                waiter.set_result(conn)
+            else:
+                # First come, first served: its slot goes to the head of the queue.
+                conn._abort()
+            return
+        stack = self._idle.get(key)
+        if stack is None:
+            stack = self._idle[key] = []
+        if len(stack) >= self._max_idle:
+            conn._abort()
+            return
+        assert self._loop is not None
+        conn._park(self._loop.time())
+        stack.append(conn)
+        self._idle_total += 1
+
+    def _forget(self, conn: _Connection) -> None:
+        """A connection is closed: out of the idle stack, its slot to the next waiter."""
+        if conn._pooled:
+            conn._pooled = False
+            stack = self._idle.get(conn._origin.key)
+            if stack is not None and conn in stack:
+                stack.remove(conn)
+                self._idle_total -= 1
+        if conn._slot:
+            conn._slot = False
+            self._free_slot()
+
+    def _free_slot(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter, _ = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes on; the count stays
+                return
+        self._connections -= 1
+
+    def _evict_idle(self) -> None:
+        for stack in self._idle.values():
+            if stack:
+                conn = stack.pop(0)  # the oldest
+                conn._pooled = False
+                self._idle_total -= 1
+                conn._abort()
+                return
+
+    async def _acquire(self, place: _Origin, *, fresh: bool) -> _Connection:
+        """A connection to ``place``: a new one, or (unless ``fresh``) one handed over
+        by a request that finished while this one waited for a slot."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                while True:
+                    if self._closed:
+                        raise UpstreamError("the upstream pool is closed")
+                    if self._connections < self._max_connections and not self._waiters:
+                        self._connections += 1
+                        break
+                    if self._idle_total:
+                        self._evict_idle()  # another origin's idle connection gives way
+                        continue
+                    handed = await self._wait(None if fresh else place.key, loop)
+                    if handed is not None:
+                        return handed
+                    if self._closed:
+                        self._free_slot()
+                        raise UpstreamError("the upstream pool is closed")
+                    break
+                return await self._connect(place, loop)
+        except TimeoutError as exc:
+            raise UpstreamTimeout(
+                f"no connection to {place.key} within {self._connect_timeout} s"
+            ) from exc
+
+    async def _wait(self, key: str | None, loop: asyncio.AbstractEventLoop) -> _Connection | None:
+        waiter: asyncio.Future[_Connection | None] = loop.create_future()
+        entry = (waiter, key)
+        self._waiters.append(entry)
+        try:
+            return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Woken, then cancelled before running: pass on what it was given.
+                handed = waiter.result()
+                if handed is None:
+                    self._free_slot()
+                else:
+                    handed._abort()
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(entry)
+            raise
+
+    async def _connect(self, place: _Origin, loop: asyncio.AbstractEventLoop) -> _Connection:
+        conn = _Connection(self, place, loop)  # owns the slot taken by _acquire
+        try:
+            if place.tls:
+                await loop.create_connection(
+                    lambda: conn,
+                    place.host,
+                    place.port,
+                    ssl=self._ssl_context,
+                    server_hostname=place.host,
+                    ssl_handshake_timeout=self._connect_timeout,
+                )
+            else:
+                await loop.create_connection(lambda: conn, place.host, place.port)
+        except BaseException as exc:
+            conn._abort()
+            if isinstance(exc, TimeoutError):
+                raise UpstreamTimeout(f"connecting to {place.key} timed out") from exc
+            if isinstance(exc, OSError):
+                raise UpstreamUnreachable(f"cannot connect to {place.key}: {exc}") from exc
+            raise
+        self._opened += 1
+        return conn
