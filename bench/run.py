@@ -1,0 +1,1276 @@
+"""Benchmark: direct vs nginx ``split_clients`` vs strangler on the same loopback backends.
+
+One run (``make bench``) starts two backends (``bench/backend.py``: legacy and candidate),
+then, one path at a time so that no idle proxy shares the CPUs, measures three workloads:
+
+- ``json``: ``POST /api/json``, one small JSON response (wrk, ``bench/users.lua``);
+- ``ndjson``: ``GET /api/stream``, five chunked NDJSON event lines (wrk);
+- ``websocket``: one client message, five JSON event frames back (``bench/wsload.py``),
+
+through each path: ``direct`` (the load generators talk to the backends themselves, the
+load shared between both as the proxies share it, so that the direct path has the same
+backend capacity), ``nginx`` (``split_clients`` on ``$http_x_user_id``,
+``worker_processes auto``), and ``strangler`` started as
+``strangler run --config`` with a 50 % ``flexibleRollout`` (default ``[server] workers``, and
+``workers = 2`` when the key is supported). HTTP runs use 50 connections over 2 wrk threads
+for a fixed duration, then one connection for latency at one client; every request carries
+its own ``X-User-Id``. WebSocket runs use 200 sessions, then one.
+
+CPU: the machine has two cores shared by the load generator, the proxy and the backends. By
+default nothing is pinned: every path then gets the same two cores and the scheduler, which
+is how the numbers would be produced by anyone running the two peers side by side, and what
+lets nginx's two workers and strangler's ``workers = 2`` use both cores. ``--pin`` puts the
+load generator and the backends on CPU 0 and the proxy on CPU 1, which isolates the proxy's
+cost per core (nginx's ``auto`` then still starts one worker per online CPU, both on CPU 1).
+The report shows, for every run, the CPU each party used (percent of one core), which is
+where the time goes.
+
+Everything started here (backends, nginx, strangler, wrk, the WebSocket load generator) is a
+child in its own process group, stopped on every exit path (normal end, error, Ctrl-C,
+SIGTERM) and killed by the kernel if this process dies. Traffic stays on 127.0.0.1.
+
+Output: a Markdown report on stdout (tables, ratios, targets) and
+``bench/results/latest.json``. ``--quick`` shortens every window for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import http.client
+import itertools
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+PYTHON = sys.executable
+STRANGLER = str(Path(sys.executable).parent / "strangler")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+FLAG = "ssot-dispatcher"
+# A loaded run during which unrelated processes used more than this (percent of one core)
+# is repeated once.
+NOISY_PERCENT = 25.0
+ALL_PATHS = ("direct", "nginx", "nginx-plain", "minimal", "strangler")
+
+WORKLOADS: dict[str, dict[str, str]] = {
+    "json": {"path": "/api/json", "method": "POST", "body": "body"},
+    "ndjson": {"path": "/api/stream", "method": "GET", "body": "nobody"},
+    "websocket": {"path": "/ws/agent"},
+}
+
+TARGETS = (
+    # (key, workload, description, threshold); see evaluate_targets().
+    ("json_vs_nginx", "json", "JSON throughput at 50 clients >= 0.6 x nginx", 0.6),
+    ("ndjson_vs_nginx", "ndjson", "NDJSON throughput at 50 clients >= 0.9 x nginx", 0.9),
+    ("ws_vs_direct", "websocket", "WebSocket events/s at 200 sessions >= 0.7 x direct", 0.7),
+    ("json_added_p50", "json", "JSON added p50 at 1 client <= 0.4 ms over direct", 0.4),
+    ("ndjson_added_p50", "ndjson", "NDJSON added p50 at 1 client <= 0.4 ms over direct", 0.4),
+    ("ws_added_p50", "websocket", "WebSocket added p50 at 1 session <= 0.4 ms over direct", 0.4),
+)
+
+
+class BenchError(RuntimeError):
+    """A step of the benchmark could not be carried out; the message says which and why."""
+
+
+# ----------------------------------------------------------------------------------------
+# Settings and results
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    duration: float
+    warmup: float
+    latency_duration: float
+    connections: int
+    threads: int
+    ws_sessions: int
+    ws_duration: float
+    ws_latency_duration: float
+    pin: bool
+    paths: tuple[str, ...]
+    workloads: tuple[str, ...]
+    strangler_workers: tuple[int, ...]
+    install: bool
+    keep_temp: bool
+    output: Path
+
+
+@dataclass
+class Measurement:
+    """One workload through one path: the loaded run and the one-client run."""
+
+    workload: str
+    path: str
+    unit: str
+    rate: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    p50_one_client_ms: float = 0.0
+    p99_one_client_ms: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+    cpu_percent: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PathInfo:
+    """What was started for one path and whether it could be measured."""
+
+    key: str
+    label: str
+    workers: int = 1
+    available: bool = True
+    reason: str = ""
+    split: dict[str, int] = field(default_factory=dict)
+    processes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel kills it if the benchmark dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids in process group ``pgid`` (every child here leads its own group)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs spent not idle since boot (user, system, irq, softirq, steal)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]
+    return (sum(fields) - idle) / CLK_TCK
+
+
+def background_load(seconds: float = 1.0) -> float:
+    """Percent of one core busy on this machine while the benchmark has started nothing."""
+    before, start = machine_busy_seconds(), time.perf_counter()
+    time.sleep(seconds)
+    return 100.0 * (machine_busy_seconds() - before) / (time.perf_counter() - start)
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds consumed so far by the live members of a process group."""
+    total = 0
+    for pid in group_members(pgid):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+class Supervisor:
+    """Owns every long-running child and stops all of them, whatever happens."""
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs: dict[str, Path] = {}
+
+    def cpus(self, role: str) -> str | None:
+        if not self.pin:
+            return None
+        return "1" if role == "proxy" else "0"
+
+    def command(self, argv: list[str], role: str) -> list[str]:
+        cpus = self.cpus(role)
+        return ["taskset", "-c", cpus, *argv] if cpus else argv
+
+    def start(self, name: str, argv: list[str], role: str, log: Path) -> subprocess.Popen[bytes]:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                self.command(argv, role),
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_DIR,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        self.children[name] = process
+        self.logs[name] = log
+        return process
+
+    def stop(self, name: str) -> None:
+        process = self.children.pop(name, None)
+        if process is None:
+            return
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=5)
+        # Workers that outlived their leader (same group, so started by us).
+        for pid in group_members(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def stop_all(self) -> None:
+        for name in list(self.children):
+            self.stop(name)
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        log = self.logs.get(name)
+        if log is None or not log.exists():
+            return ""
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _raise_exit(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+# ----------------------------------------------------------------------------------------
+# Readiness and sanity
+# ----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    check: Callable[[], bool], process: subprocess.Popen[bytes], what: str, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchError(f"{what}: exited with code {process.returncode} before it was ready")
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            if check():
+                return
+        time.sleep(0.1)
+    raise BenchError(f"{what}: not ready after {timeout:.0f} s")
+
+
+def port_open(port: int) -> Callable[[], bool]:
+    def check() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+
+    return check
+
+
+def http_get_ok(port: int, path: str) -> Callable[[], bool]:
+    def check() -> bool:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            connection.request("GET", path)
+            return connection.getresponse().status == 200
+        finally:
+            connection.close()
+
+    return check
+
+
+def sanity_check(port: int, path_key: str, expect_header: bool) -> dict[str, int]:
+    """Both workloads answer correctly and users are split between the two backends."""
+    split: dict[str, int] = {}
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        for n in range(200):
+            user = f"sanity-{n}"
+            body = json.dumps({"user_id": user, "prompt": "hi"})
+            headers = {"X-User-Id": user, "Content-Type": "application/json"}
+            connection.request("POST", "/api/json", body=body, headers=headers)
+            response = connection.getresponse()
+            payload = response.read()
+            if response.status != 200:
+                raise BenchError(f"{path_key}: POST /api/json -> {response.status} {payload!r}")
+            document = json.loads(payload)
+            backend = str(document.get("backend"))
+            if document.get("user_id") != user:
+                raise BenchError(f"{path_key}: backend saw user {document.get('user_id')!r}")
+            served_by = response.getheader("X-Strangler-Backend")
+            if expect_header and served_by != backend:
+                raise BenchError(
+                    f"{path_key}: X-Strangler-Backend {served_by!r} but body says {backend!r}"
+                )
+            split[backend] = split.get(backend, 0) + 1
+        connection.request("GET", "/api/stream", headers={"X-User-Id": "sanity-stream"})
+        response = connection.getresponse()
+        lines = [line for line in response.read().splitlines() if line.strip()]
+        if response.status != 200 or len(lines) != 5:
+            raise BenchError(
+                f"{path_key}: GET /api/stream -> {response.status}, {len(lines)} lines"
+            )
+    finally:
+        connection.close()
+    return split
+
+
+# ----------------------------------------------------------------------------------------
+# Load generators
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadRun:
+    """Finished load-generator processes: their parsed JSON lines and who spent which CPU."""
+
+    results: list[dict[str, Any]]
+    wall: float
+    cpu_percent: dict[str, float]
+
+
+def run_loadgens(
+    argvs: list[list[str]],
+    supervisor: Supervisor,
+    groups: dict[str, list[int]],
+    timeout: float,
+) -> LoadRun:
+    """Run load generators side by side to completion, sampling CPU over their window.
+
+    The window is the generators' whole life (wrk) or the span between the first
+    MEASURE_START and MEASURE_END lines (wsload). Their own CPU comes from wait4's rusage.
+    """
+
+    def sample() -> tuple[float, dict[str, float]]:
+        cpu = {
+            role: sum(group_cpu_seconds(pgid) for pgid in pgids) for role, pgids in groups.items()
+        }
+        cpu["machine"] = machine_busy_seconds()
+        return time.perf_counter(), cpu
+
+    markers: dict[str, tuple[float, dict[str, float]]] = {}
+    outputs: list[list[str]] = [[] for _ in argvs]
+
+    def read(process: subprocess.Popen[bytes], output: list[str]) -> None:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line in ("MEASURE_START", "MEASURE_END"):
+                markers.setdefault(line, sample())
+            else:
+                output.append(line)
+
+    first = sample()
+    processes = [
+        subprocess.Popen(
+            supervisor.command(argv, "loadgen"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_DIR,
+            preexec_fn=_die_with_parent,
+        )
+        for argv in argvs
+    ]
+    watchdogs = [threading.Timer(timeout, process.kill) for process in processes]
+    readers = [
+        threading.Thread(target=read, args=(process, output), daemon=True)
+        for process, output in zip(processes, outputs, strict=True)
+    ]
+    cpu_seconds = 0.0
+    try:
+        for thread in (*watchdogs, *readers):
+            thread.start()
+        for reader in readers:
+            reader.join()
+        last = sample()
+        for process in processes:
+            _, status, usage = os.wait4(process.pid, 0)
+            process.returncode = os.waitstatus_to_exitcode(status)
+            cpu_seconds += usage.ru_utime + usage.ru_stime
+    finally:
+        for watchdog in watchdogs:
+            watchdog.cancel()
+        for process in processes:
+            if process.returncode is None:
+                process.kill()
+                process.wait()
+    begin = markers.get("MEASURE_START", first)
+    finish = markers.get("MEASURE_END", last)
+    wall = finish[0] - begin[0]
+    cpu = {role: 100.0 * (finish[1][role] - begin[1][role]) / wall for role in finish[1]}
+    cpu["loadgen"] = 100.0 * cpu_seconds / (last[0] - first[0])
+    results = []
+    for argv, process, output in zip(argvs, processes, outputs, strict=True):
+        parsed = next((line for line in output if line.startswith("BENCH_JSON ")), None)
+        if process.returncode != 0 or parsed is None:
+            tail = "\n".join(output[-15:])
+            name = Path(argv[0]).name
+            raise BenchError(f"{name} failed (exit {process.returncode}):\n{tail}")
+        results.append(json.loads(parsed[len("BENCH_JSON ") :]))
+    return LoadRun(results, wall, cpu)
+
+
+def merged_percentile(results: list[dict[str, Any]], percent: float) -> float:
+    """A percentile (us) of several wrk runs together, from each run's sampled latency curve,
+    weighting every run by its request count."""
+    if len(results) == 1:
+        return float(results[0][f"p{percent:g}_us"])
+    total = sum(result["requests"] for result in results)
+
+    def share_below(value: float) -> float:
+        """Fraction of all requests at or under ``value`` (linear between curve points)."""
+        share = 0.0
+        for result in results:
+            curve = result["curve"]
+            below = 0.0
+            for (p0, v0), (p1, v1) in itertools.pairwise([[0.0, 0], *curve, [100.0, curve[-1][1]]]):
+                if value >= v1:
+                    below = p1
+                elif value >= v0:
+                    below = p0 + (p1 - p0) * ((value - v0) / (v1 - v0) if v1 > v0 else 1.0)
+                    break
+                else:
+                    break
+            share += below / 100.0 * result["requests"] / total
+        return share
+
+    candidates = sorted({float(v) for result in results for _, v in result["curve"]})
+    low, high = candidates[0], candidates[-1]
+    for _ in range(40):  # bisection on the value
+        middle = (low + high) / 2
+        if share_below(middle) < percent / 100.0:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def wrk_argv(url: str, workload: str, connections: int, threads: int, duration: float) -> list[str]:
+    spec = WORKLOADS[workload]
+    return [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(duration))}s",  # wrk takes whole seconds
+        "--timeout",
+        "5s",
+        "-s",
+        str(BENCH_DIR / "users.lua"),
+        url + spec["path"],
+        "--",
+        spec["method"],
+        spec["body"],
+    ]
+
+
+def wrk(
+    supervisor: Supervisor,
+    groups: dict[str, list[int]],
+    urls: list[str],
+    workload: str,
+    connections: int,
+    threads: int,
+    duration: float,
+) -> LoadRun:
+    """wrk on one URL, or one wrk per URL sharing the connections and threads."""
+    share = len(urls)
+    argvs = [
+        wrk_argv(url, workload, max(1, connections // share), max(1, threads // share), duration)
+        for url in urls
+    ]
+    return run_loadgens(argvs, supervisor, groups, timeout=duration + 30)
+
+
+def wsload(
+    supervisor: Supervisor,
+    groups: dict[str, list[int]],
+    urls: list[str],
+    sessions: int,
+    warmup: float,
+    duration: float,
+) -> LoadRun:
+    argv = [PYTHON, str(BENCH_DIR / "wsload.py")]
+    for url in urls:
+        argv += ["--url", url + WORKLOADS["websocket"]["path"]]
+    argv += ["--sessions", str(sessions), "--warmup", str(warmup), "--duration", str(duration)]
+    run = run_loadgens([argv], supervisor, groups, timeout=warmup + duration + 60)
+    run.cpu_percent["loadgen"] = float(run.results[0]["cpu_percent"])
+    return run
+
+
+def with_other(cpu: dict[str, float]) -> dict[str, float]:
+    """Adds "other": machine CPU not spent by the parties we started (kernel softirq work
+    on their behalf, and any unrelated process, which would make the run noisy)."""
+    ours = sum(value for role, value in cpu.items() if role != "machine")
+    return cpu | {"other": max(0.0, cpu.get("machine", ours) - ours)}
+
+
+def wrk_errors(results: list[dict[str, Any]]) -> dict[str, int]:
+    errors: dict[str, int] = {}
+    for result in results:
+        for kind, count in result["errors"].items():
+            if count:
+                errors[kind] = errors.get(kind, 0) + int(count)
+    return errors
+
+
+def ws_errors(result: dict[str, Any]) -> dict[str, int]:
+    errors = {kind: int(count) for kind, count in result["errors"].items()}
+    for kind in ("short_turns", "isolation_violations"):
+        if result.get(kind):
+            errors[kind] = int(result[kind])
+    if result["upgraded"] < result["sessions"]:
+        errors["not_upgraded"] = int(result["sessions"] - result["upgraded"])
+    return errors
+
+
+def measure_websocket(
+    settings: Settings,
+    supervisor: Supervisor,
+    groups: dict[str, list[int]],
+    path_key: str,
+    urls: list[str],
+) -> Measurement:
+    loaded = wsload(
+        supervisor, groups, urls, settings.ws_sessions, settings.warmup, settings.ws_duration
+    )
+    single = wsload(
+        supervisor, groups, urls[:1], 1, settings.warmup / 2, settings.ws_latency_duration
+    )
+    result, one = loaded.results[0], single.results[0]
+    return Measurement(
+        "websocket",
+        path_key,
+        "events/s",
+        rate=float(result["events_per_s"]),
+        p50_ms=result["p50_us"] / 1000,
+        p99_ms=result["p99_us"] / 1000,
+        p50_one_client_ms=one["p50_us"] / 1000,
+        p99_one_client_ms=one["p99_us"] / 1000,
+        errors=ws_errors(result) | {f"one_session_{k}": v for k, v in ws_errors(one).items()},
+        cpu_percent=with_other(loaded.cpu_percent),
+    )
+
+
+def measure_http(
+    settings: Settings,
+    supervisor: Supervisor,
+    groups: dict[str, list[int]],
+    path_key: str,
+    workload: str,
+    urls: list[str],
+) -> Measurement:
+    connections, threads = settings.connections, settings.threads
+    if settings.warmup > 0:
+        wrk(supervisor, groups, urls, workload, connections, threads, settings.warmup)
+    loaded = wrk(supervisor, groups, urls, workload, connections, threads, settings.duration)
+    single = wrk(supervisor, groups, urls[:1], workload, 1, 1, settings.latency_duration)
+    one = single.results[0]
+    return Measurement(
+        workload,
+        path_key,
+        "req/s",
+        rate=sum(r["requests"] / (r["duration_us"] / 1e6) for r in loaded.results),
+        p50_ms=merged_percentile(loaded.results, 50) / 1000,
+        p99_ms=merged_percentile(loaded.results, 99) / 1000,
+        p50_one_client_ms=one["p50_us"] / 1000,
+        p99_one_client_ms=one["p99_us"] / 1000,
+        errors=wrk_errors(loaded.results)
+        | {f"one_client_{k}": v for k, v in wrk_errors(single.results).items()},
+        cpu_percent=with_other(loaded.cpu_percent),
+    )
+
+
+def measure_path(
+    settings: Settings,
+    supervisor: Supervisor,
+    groups: dict[str, list[int]],
+    path_key: str,
+    ports: list[int],
+    log: Callable[[str], None],
+) -> list[Measurement]:
+    """Every workload through one path. Several ports (direct): the load is shared between
+    them, as the proxies share it between the two backends; one-client runs use the first.
+
+    A run during which unrelated processes took more than NOISY_PERCENT of a core is
+    repeated once, and the quieter of the two is kept (and flagged if still noisy)."""
+    measurements = []
+    for workload in settings.workloads:
+        attempts: list[Measurement] = []
+        while len(attempts) < 2:
+            if workload == "websocket":
+                urls = [f"ws://127.0.0.1:{port}" for port in ports]
+                measurement = measure_websocket(settings, supervisor, groups, path_key, urls)
+            else:
+                urls = [f"http://127.0.0.1:{port}" for port in ports]
+                measurement = measure_http(settings, supervisor, groups, path_key, workload, urls)
+            attempts.append(measurement)
+            log(
+                f"  {workload:<9} {path_key:<13} {measurement.rate:>10,.0f} "
+                f"{measurement.unit:<8} p50 {measurement.p50_ms:6.2f} ms  "
+                f"p99 {measurement.p99_ms:6.2f} ms  "
+                f"1-client p50 {measurement.p50_one_client_ms:.3f} ms  cpu "
+                + " ".join(f"{k}={v:.0f}%" for k, v in measurement.cpu_percent.items())
+                + (f"  errors {measurement.errors}" if measurement.errors else "")
+            )
+            if measurement.cpu_percent["other"] <= NOISY_PERCENT:
+                break
+            log(f"  ^ noisy: {measurement.cpu_percent['other']:.0f} % of a core went elsewhere")
+        best = min(attempts, key=lambda m: m.cpu_percent["other"])
+        if best.cpu_percent["other"] > NOISY_PERCENT:
+            best.notes.append(
+                f"noisy: {best.cpu_percent['other']:.0f} % of a core used by other processes"
+            )
+        measurements.append(best)
+    return measurements
+
+
+# ----------------------------------------------------------------------------------------
+# Peers: backends, nginx, strangler
+# ----------------------------------------------------------------------------------------
+
+
+def ensure_tools(install: bool, log: Callable[[str], None]) -> None:
+    missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
+    if not missing:
+        return
+    if not install:
+        raise BenchError(f"missing {', '.join(missing)} (run without --no-install)")
+    command = ["apt-get", "install", "-y", "--no-install-recommends", "nginx", "wrk"]
+    environment = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+    log(f"installing {', '.join(missing)} with apt-get")
+    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.STDOUT}
+    if subprocess.run(command, env=environment, timeout=600, **quiet).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=environment, timeout=600, **quiet)
+        subprocess.run(command, env=environment, timeout=600, check=True, **quiet)
+    still = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
+    if still:
+        raise BenchError(f"apt-get did not provide {', '.join(still)}")
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    text = (done.stdout + done.stderr).strip().splitlines()
+    return text[0] if text else "unknown"
+
+
+def start_backends(supervisor: Supervisor, workdir: Path, ports: dict[str, int]) -> list[int]:
+    pgids = []
+    for name, port in ports.items():
+        argv = [PYTHON, str(BENCH_DIR / "backend.py"), "--name", name, "--port", str(port)]
+        process = supervisor.start(f"backend-{name}", argv, "backends", workdir / f"{name}.log")
+        wait_until(port_open(port), process, f"backend {name}", timeout=15)
+        pgids.append(process.pid)
+    return pgids
+
+
+NGINX_TUNING = {
+    "nginx": {
+        "CLIENT_KEEPALIVE": "keepalive_requests 1000000;",
+        "UPSTREAM_KEEPALIVE": "keepalive 256;\n        keepalive_requests 1000000;",
+        "UPSTREAM_HTTP_VERSION": "1.1",
+    },
+    "nginx-plain": {
+        "CLIENT_KEEPALIVE": "",
+        "UPSTREAM_KEEPALIVE": "",
+        "UPSTREAM_HTTP_VERSION": "1.0",
+    },
+}
+
+
+def start_nginx(
+    supervisor: Supervisor, workdir: Path, ports: dict[str, int], variant: str
+) -> tuple[int, int]:
+    port = free_port()
+    prefix = workdir / variant
+    prefix.mkdir()
+    config = (BENCH_DIR / "nginx.conf.template").read_text()
+    for name, value in {
+        "PREFIX": str(prefix),
+        "PORT": str(port),
+        "LEGACY_PORT": str(ports["legacy"]),
+        "CANDIDATE_PORT": str(ports["candidate"]),
+        **NGINX_TUNING[variant],
+    }.items():
+        config = config.replace(f"@{name}@", value)
+    (prefix / "nginx.conf").write_text(config)
+    argv = [
+        "nginx",
+        "-p",
+        str(prefix),
+        "-e",
+        str(prefix / "error.log"),
+        "-c",
+        str(prefix / "nginx.conf"),
+        "-g",
+        "daemon off;",
+    ]
+    process = supervisor.start(variant, argv, "proxy", prefix / "stdout.log")
+    try:
+        wait_until(port_open(port), process, "nginx", timeout=15)
+    except BenchError as error:
+        tail = (prefix / "error.log").read_text() if (prefix / "error.log").exists() else ""
+        raise BenchError(f"{error}\n{tail}") from error
+    time.sleep(0.3)  # let every worker reach accept()
+    return process.pid, port
+
+
+def start_minimal(supervisor: Supervisor, workdir: Path, ports: dict[str, int]) -> tuple[int, int]:
+    port = free_port()
+    argv = [
+        PYTHON,
+        str(BENCH_DIR / "minimal_proxy.py"),
+        "--port",
+        str(port),
+        "--legacy",
+        f"http://127.0.0.1:{ports['legacy']}",
+        "--candidate",
+        f"http://127.0.0.1:{ports['candidate']}",
+    ]
+    process = supervisor.start("minimal", argv, "proxy", workdir / "minimal.log")
+    wait_until(port_open(port), process, "minimal aiohttp proxy", timeout=15)
+    return process.pid, port
+
+
+def strangler_config(port: int, admin_port: int, ports: dict[str, int], workers: int) -> str:
+    workers_line = f"workers = {workers}\n" if workers != 1 else ""
+    routes = "".join(
+        f'[[routes]]\nname = "{name}"\npath = "{path}"\nprotocol = "{protocol}"\n'
+        f'flag = "{FLAG}"\nshadow = 0.0\n'
+        for name, path, protocol in (
+            ("json", "/api/json", "json"),
+            ("stream", "/api/stream", "ndjson"),
+            ("agent", "/ws/agent", "websocket"),
+        )
+    )
+    return (
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\n{workers_line}'
+        f'[admin]\nhost = "127.0.0.1"\nport = {admin_port}\ntoken = "bench"\n'
+        f'[backends]\nlegacy = "http://127.0.0.1:{ports["legacy"]}"\n'
+        f'candidate = "http://127.0.0.1:{ports["candidate"]}"\n'
+        f'[identity]\nheader = "X-User-Id"\n'
+        f'[flags]\nprovider = "file"\nfile = "flags.json"\n'
+        f"{routes}"
+    )
+
+
+FLAGS_DOCUMENT = {
+    "version": 1,
+    "features": [
+        {
+            "name": FLAG,
+            "enabled": True,
+            "strategies": [
+                {
+                    "name": "flexibleRollout",
+                    "parameters": {"rollout": "50", "stickiness": "userId", "groupId": FLAG},
+                }
+            ],
+        }
+    ],
+}
+
+
+def strangler_runnable() -> str:
+    """Empty when ``strangler run`` exists; otherwise why it cannot be measured."""
+    if not Path(STRANGLER).exists():
+        return f"{STRANGLER} is not installed"
+    try:
+        done = subprocess.run(
+            [STRANGLER, "run", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=REPO_DIR,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"strangler run --help failed: {error}"
+    if done.returncode != 0:
+        lines = (done.stdout + done.stderr).strip().splitlines()
+        return "strangler run --help failed: " + (lines[-1] if lines else f"exit {done.returncode}")
+    return ""
+
+
+def start_strangler(
+    supervisor: Supervisor, workdir: Path, name: str, ports: dict[str, int], workers: int
+) -> tuple[int, int]:
+    directory = workdir / name
+    directory.mkdir()
+    port, admin_port = free_port(), free_port()
+    config = directory / "strangler.toml"
+    config.write_text(strangler_config(port, admin_port, ports, workers))
+    (directory / "flags.json").write_text(json.dumps(FLAGS_DOCUMENT))
+    argv = [STRANGLER, "run", "--config", str(config)]
+    process = supervisor.start(name, argv, "proxy", directory / "strangler.log")
+    try:
+        wait_until(http_get_ok(admin_port, "/readyz"), process, name, timeout=30)
+        wait_until(port_open(port), process, name, timeout=10)
+    except BenchError as error:
+        tail = supervisor.log_tail(name)
+        supervisor.stop(name)
+        last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
+        raise BenchError(f"{error}: {last.strip()}\n{tail}") from error
+    time.sleep(0.3)
+    return process.pid, port
+
+
+# ----------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------
+
+
+def find(measurements: list[Measurement], workload: str, path: str) -> Measurement | None:
+    return next((m for m in measurements if m.workload == workload and m.path == path), None)
+
+
+def ratio(numerator: Measurement | None, denominator: Measurement | None) -> float | None:
+    if numerator is None or denominator is None or not denominator.rate:
+        return None
+    return numerator.rate / denominator.rate
+
+
+def evaluate_targets(
+    measurements: list[Measurement], strangler_keys: list[str]
+) -> list[dict[str, Any]]:
+    rows = []
+    for key, workload, description, threshold in TARGETS:
+        direct = find(measurements, workload, "direct")
+        nginx = find(measurements, workload, "nginx")
+        for path in strangler_keys:
+            strangler = find(measurements, workload, path)
+            value: float | None
+            if key.endswith("_vs_nginx"):
+                value = ratio(strangler, nginx)
+                met = value is not None and value >= threshold
+            elif key.endswith("_vs_direct"):
+                value = ratio(strangler, direct)
+                met = value is not None and value >= threshold
+            else:
+                value = (
+                    strangler.p50_one_client_ms - direct.p50_one_client_ms
+                    if strangler is not None and direct is not None
+                    else None
+                )
+                met = value is not None and value <= threshold
+            if value is not None:
+                rows.append(
+                    {
+                        "target": key,
+                        "description": description,
+                        "path": path,
+                        "threshold": threshold,
+                        "value": value,
+                        "met": met,
+                    }
+                )
+    return rows
+
+
+def comparisons(measurements: list[Measurement]) -> list[dict[str, Any]]:
+    """Per workload and proxied path: throughput ratios and added one-client p50."""
+    rows = []
+    for m in measurements:
+        if m.path == "direct":
+            continue
+        direct = find(measurements, m.workload, "direct")
+        nginx = find(measurements, m.workload, "nginx")
+        rows.append(
+            {
+                "workload": m.workload,
+                "path": m.path,
+                "vs_nginx": ratio(m, nginx) if m.path != "nginx" else None,
+                "vs_direct": ratio(m, direct),
+                "added_p50_one_client_ms": (
+                    m.p50_one_client_ms - direct.p50_one_client_ms if direct else None
+                ),
+            }
+        )
+    return rows
+
+
+def fmt_rate(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def markdown_report(
+    settings: Settings,
+    meta: dict[str, Any],
+    paths: list[PathInfo],
+    measurements: list[Measurement],
+    targets: list[dict[str, Any]],
+) -> str:
+    labels = {info.key: info.label for info in paths}
+    skipped = [info for info in paths if not info.available]
+    paths = [info for info in paths if info.available]
+    out = [
+        "## Benchmark: direct vs nginx split_clients vs strangler",
+        "",
+        f"{meta['machine']}; {meta['nginx']}"
+        + (
+            f" ({meta['nginx_workers']} workers, `worker_processes auto`)"
+            if meta["nginx_workers"]
+            else ""
+        )
+        + f"; {meta['wrk']}; CPU pinning: {meta['pinning']}; "
+        f"background load before the run: {meta['background_cpu_percent']:.0f} % of one core.",
+        f"HTTP: wrk, {settings.connections} connections / {settings.threads} threads for "
+        f"{settings.duration:g} s, then 1 connection for {settings.latency_duration:g} s. "
+        f"WebSocket: {settings.ws_sessions} sessions for {settings.ws_duration:g} s, then 1. "
+        "Backends: legacy + candidate (`bench/backend.py`); nginx and strangler split users "
+        "50/50 between them; direct drives both straight (load shared), its 1-client runs "
+        "go to legacy.",
+        "",
+        "| workload | path | throughput | p50 | p99 | p50 at 1 client | vs nginx | vs direct |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for workload in settings.workloads:
+        direct = find(measurements, workload, "direct")
+        nginx = find(measurements, workload, "nginx")
+        for info in paths:
+            m = find(measurements, workload, info.key)
+            if m is None:
+                continue
+            versus_nginx = ratio(m, nginx) if info.key not in ("direct", "nginx") else None
+            versus_direct = ratio(m, direct) if info.key != "direct" else None
+            out.append(
+                f"| {workload} | {labels[m.path]} | {fmt_rate(m.rate)} {m.unit} "
+                f"| {m.p50_ms:.2f} ms | {m.p99_ms:.2f} ms | {m.p50_one_client_ms:.3f} ms "
+                f"| {fmt_ratio(versus_nginx)} | {fmt_ratio(versus_direct)} |"
+            )
+    out += [
+        "",
+        "p50/p99 are per request at 50 connections (HTTP) or per turn, message sent to fifth "
+        "event received, at 200 sessions (WebSocket).",
+        "",
+        "### Added latency at one client (p50 - direct p50)",
+        "",
+        "| workload | " + " | ".join(labels[i.key] for i in paths if i.key != "direct") + " |",
+        "| --- |" + " ---: |" * sum(1 for i in paths if i.key != "direct"),
+    ]
+    for workload in settings.workloads:
+        direct = find(measurements, workload, "direct")
+        cells = []
+        for info in paths:
+            if info.key == "direct":
+                continue
+            m = find(measurements, workload, info.key)
+            cells.append(
+                f"{(m.p50_one_client_ms - direct.p50_one_client_ms) * 1000:+.0f} µs"
+                if m is not None and direct is not None
+                else ""
+            )
+        out.append(f"| {workload} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "### Where the CPU goes (percent of one core over the loaded window; 200 % = both)",
+        "",
+        "| workload | path | load generator | proxy | backends | other | machine |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for m in measurements:
+        cpu = m.cpu_percent
+        proxy = f"{cpu['proxy']:.0f} %" if "proxy" in cpu else "—"
+        out.append(
+            f"| {m.workload} | {labels[m.path]} | {cpu.get('loadgen', 0):.0f} % | {proxy} "
+            f"| {cpu.get('backends', 0):.0f} % | {cpu.get('other', 0):.0f} % "
+            f"| {cpu.get('machine', 0):.0f} % |"
+        )
+    out += [
+        "",
+        '"other" is machine CPU not charged to the processes above: kernel work on their '
+        "behalf, or unrelated processes (a noisy run).",
+    ]
+    if targets:
+        out += [
+            "",
+            "### Targets",
+            "",
+            "| target | path | measured | met |",
+            "| --- | --- | ---: | --- |",
+        ]
+        for row in targets:
+            measured = (
+                f"{row['value'] * 1000:+.0f} µs"
+                if row["target"].endswith("_p50")
+                else f"{row['value']:.2f}"
+            )
+            out.append(
+                f"| {row['description']} | {labels[row['path']]} | {measured} "
+                f"| {'yes' if row['met'] else '**no**'} |"
+            )
+    notes = [info for info in paths if info.notes]
+    if notes:
+        out += ["", "### Notes", ""]
+        out += [f"- {info.label}: {note}" for info in notes for note in info.notes]
+    if skipped:
+        out += ["", "### Not measured", ""]
+        out += [f"- {info.label}: {info.reason}" for info in skipped]
+    noisy = [m for m in measurements if m.notes]
+    if noisy:
+        out += ["", "### Noisy runs", ""]
+        out += [f"- {m.workload} via {labels[m.path]}: {'; '.join(m.notes)}" for m in noisy]
+    errors = [m for m in measurements if m.errors]
+    if errors:
+        out += ["", "### Errors seen", ""]
+        out += [f"- {m.workload} via {labels[m.path]}: {m.errors}" for m in errors]
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=8.0, help="loaded HTTP window (s)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up before each (s)")
+    parser.add_argument("--latency-duration", type=float, default=3.0, help="1-client run (s)")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ws-sessions", type=int, default=200)
+    parser.add_argument("--ws-duration", type=float, default=6.0)
+    parser.add_argument("--ws-latency-duration", type=float, default=2.0)
+    parser.add_argument("--pin", action="store_true", help="proxy on CPU 1, the rest on CPU 0")
+    parser.add_argument(
+        "--paths",
+        default="direct,nginx,strangler",
+        help="comma list of direct, nginx, strangler; references: nginx-plain (nginx "
+        "defaults: no upstream keep-alive), minimal (bench/minimal_proxy.py, a bare aiohttp "
+        "proxy); 'all' for every one",
+    )
+    parser.add_argument("--workloads", default="json,ndjson,websocket")
+    parser.add_argument(
+        "--strangler-workers", default="1,2", help="[server] workers values to measure"
+    )
+    parser.add_argument("--quick", action="store_true", help="short windows, for a smoke run")
+    parser.add_argument("--no-install", action="store_true", help="never call apt-get")
+    parser.add_argument("--keep-temp", action="store_true", help="keep configs and logs")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup, args.latency_duration = 2.0, 1.0, 1.0
+        args.ws_duration, args.ws_latency_duration = 2.0, 1.0
+    workloads = tuple(w for w in args.workloads.split(",") if w)
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload(s): {', '.join(unknown)}")
+    paths = ALL_PATHS if args.paths == "all" else tuple(p for p in args.paths.split(",") if p)
+    unknown = [p for p in paths if p not in ALL_PATHS]
+    if unknown:
+        parser.error(f"unknown path(s): {', '.join(unknown)}")
+    return Settings(
+        duration=args.duration,
+        warmup=args.warmup,
+        latency_duration=args.latency_duration,
+        connections=args.connections,
+        threads=args.threads,
+        ws_sessions=args.ws_sessions,
+        ws_duration=args.ws_duration,
+        ws_latency_duration=args.ws_latency_duration,
+        pin=args.pin,
+        paths=paths,
+        workloads=workloads,
+        strangler_workers=tuple(int(w) for w in args.strangler_workers.split(",") if w),
+        install=not args.no_install,
+        keep_temp=args.keep_temp,
+        output=args.output,
+    )
+
+
+@contextlib.contextmanager
+def workspace(keep: bool) -> Iterator[Path]:
+    directory = Path(tempfile.mkdtemp(prefix="strangler-bench-"))
+    try:
+        yield directory
+    finally:
+        if keep:
+            print(f"kept {directory}", file=sys.stderr)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def plan_paths(settings: Settings) -> list[PathInfo]:
+    """One entry per path to measure, in order; strangler once per ``workers`` value."""
+    labels = {
+        "direct": "direct",
+        "nginx": "nginx ({workers} workers)",
+        "nginx-plain": "nginx, no upstream keep-alive ({workers} workers)",
+        "minimal": "minimal aiohttp proxy",
+    }
+    plan = []
+    for path in settings.paths:
+        if path == "strangler":
+            plan += [
+                PathInfo(f"strangler-w{w}", f"strangler ({w} worker{'s' if w > 1 else ''})", w)
+                for w in settings.strangler_workers
+            ]
+        else:
+            plan.append(PathInfo(path, labels[path]))
+    return plan
+
+
+def open_path(
+    info: PathInfo,
+    supervisor: Supervisor,
+    workdir: Path,
+    backend_ports: dict[str, int],
+    strangler_problem: str,
+) -> tuple[list[int], int | None]:
+    """Start what the path needs and check it routes; the ports to load and the proxy's
+    process group (None for direct)."""
+    key = info.key
+    if key == "direct":
+        info.split = sanity_check(backend_ports["legacy"], key, expect_header=False)
+        return list(backend_ports.values()), None
+    if key in NGINX_TUNING:
+        pgid, port = start_nginx(supervisor, workdir, backend_ports, key)
+        info.processes = len(group_members(pgid)) - 1  # the master is not a worker
+        info.label = info.label.format(workers=info.processes)
+    elif key == "minimal":
+        pgid, port = start_minimal(supervisor, workdir, backend_ports)
+        info.processes = 1
+    else:
+        if strangler_problem:
+            raise BenchError(strangler_problem)
+        pgid, port = start_strangler(supervisor, workdir, key, backend_ports, info.workers)
+        info.processes = len(group_members(pgid))
+        if info.processes < info.workers:
+            info.notes.append(
+                f"`workers = {info.workers}` was accepted but {info.processes} "
+                "process(es) run: the key has no effect yet"
+            )
+    info.split = sanity_check(port, key, expect_header=True)
+    return [port], pgid
+
+
+def run_all(
+    settings: Settings, meta: dict[str, Any], log: Callable[[str], None]
+) -> tuple[list[PathInfo], list[Measurement]]:
+    """Backends up once, then every path in turn, each stopped before the next starts."""
+    supervisor = Supervisor(settings.pin)
+    paths = plan_paths(settings)
+    measurements: list[Measurement] = []
+    try:
+        with workspace(settings.keep_temp) as workdir:
+            backend_ports = {"legacy": free_port(), "candidate": free_port()}
+            log(f"backends on {backend_ports}; work dir {workdir}")
+            backends = start_backends(supervisor, workdir, backend_ports)
+            problem = strangler_runnable() if "strangler" in settings.paths else ""
+            for info in paths:
+                try:
+                    ports, proxy = open_path(info, supervisor, workdir, backend_ports, problem)
+                    if info.key in NGINX_TUNING:
+                        meta["nginx_workers"] = info.processes
+                    groups = {"backends": backends} | ({"proxy": [proxy]} if proxy else {})
+                    log(f"{info.label}: ports {ports}, split {info.split}")
+                    measurements += measure_path(settings, supervisor, groups, info.key, ports, log)
+                except BenchError as error:
+                    info.available = False
+                    info.reason = str(error).strip().splitlines()[0]
+                    log(f"{info.label}: not measured: {error}")
+                finally:
+                    supervisor.stop(info.key)
+    finally:
+        supervisor.stop_all()
+    return paths, measurements
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_exit)
+    started = time.monotonic()
+    ensure_tools(settings.install, log)
+    idle_check = background_load()
+    if idle_check > 15:
+        log(
+            f"warning: {idle_check:.0f} % of a core is busy before the benchmark starts; "
+            "results will be noisy"
+        )
+    meta: dict[str, Any] = {
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}",
+        "nginx": tool_version(["nginx", "-v"]).replace("nginx version: ", ""),
+        "wrk": tool_version(["wrk", "-v"]).split(" [")[0],
+        "pinning": "load generator + backends on CPU 0, proxy on CPU 1"
+        if settings.pin
+        else "none (all processes share both CPUs)",
+        "nginx_workers": 0,
+        "background_cpu_percent": idle_check,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    paths, measurements = run_all(settings, meta, log)
+
+    strangler_keys = [i.key for i in paths if i.key.startswith("strangler") and i.available]
+    targets = evaluate_targets(measurements, strangler_keys)
+    meta["elapsed_s"] = round(time.monotonic() - started, 1)
+    report = markdown_report(settings, meta, paths, measurements, targets)
+    print(report)
+    settings.output.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "meta": meta,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
+        "paths": [asdict(info) for info in paths],
+        "measurements": [asdict(m) for m in measurements],
+        "comparisons": comparisons(measurements),
+        "targets": targets,
+    }
+    settings.output.write_text(json.dumps(document, indent=2) + "\n")
+    settings.output.with_suffix(".md").write_text(report)
+    log(
+        f"wrote {settings.output} and {settings.output.with_suffix('.md')} in {meta['elapsed_s']} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as failure:
+        print(f"bench: {failure}", file=sys.stderr)
+        sys.exit(1)
