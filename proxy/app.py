@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 import aiohttp
@@ -22,8 +23,8 @@ from flags.file import FileFlagProvider
 from flags.provider import FlagProvider
 from flags.unleash import UnleashFlagProvider
 from proxy.admin import build_admin_app
-from proxy.context import PROXY_KEY, Proxy
-from proxy.http_relay import relay_http
+from proxy.context import Proxy
+from proxy.http_relay import error_response, relay_http
 from proxy.metrics import Metrics
 from proxy.routing import UNROUTED, Backend, RouteTable, choose_backend
 from proxy.settings import FlagSettings, Settings
@@ -54,27 +55,28 @@ def build_flag_provider(flags: FlagSettings) -> FlagProvider:
     )
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    proxy = request.app[PROXY_KEY]
-    route = proxy.routes.match(request.path)
-    user_id = request.headers.get(proxy.identity_header) or None
-    backend = choose_backend(route, user_id, proxy.flags.is_enabled)
-    label = route.name if route is not None else UNROUTED
-    if is_websocket_upgrade(request):
-        return await relay_websocket(request, proxy, label, backend)
-    return await relay_http(request, proxy, label, backend)
+def build_handler(proxy: Proxy) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    """The proxy listener's one handler: route, decide, relay.
 
+    It runs on aiohttp's low-level server: every path is proxied, so an application
+    router and its middleware chain would only add work to each request.
+    """
+    routes = proxy.routes
+    flags = proxy.flags
+    identity_header = proxy.identity_header
 
-def build_proxy_app(proxy: Proxy) -> web.Application:
-    app = web.Application(handler_args={"max_field_size": 16384})
-    app[PROXY_KEY] = proxy
-    app.router.add_route("*", "/{tail:.*}", handle)
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        route = routes.match(request.path)
+        user_id = request.headers.get(identity_header) or None
+        backend = choose_backend(route, user_id, flags.is_enabled)
+        label = route.name if route is not None else UNROUTED
+        if is_websocket_upgrade(request):
+            if proxy.draining:
+                return error_response(503, "shutting_down", "the proxy is draining", backend, label)
+            return await relay_websocket(request, proxy, label, backend)
+        return await relay_http(request, proxy, label, backend)
 
-    async def close_websockets(app: web.Application) -> None:
-        await close_all(app[PROXY_KEY])
-
-    app.on_shutdown.append(close_websockets)
-    return app
+    return handle
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -97,7 +99,7 @@ class ProxyServer:
         self.metrics = Metrics(registry)
         self.flags = flags if flags is not None else build_flag_provider(settings.flags)
         self.proxy: Proxy | None = None
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[web.BaseRunner] = []
         self.proxy_port = 0
         self.admin_port = 0
 
@@ -140,11 +142,23 @@ class ProxyServer:
         # Admin first: /healthz answers and /readyz says "not ready" while flags load.
         admin_sock = _listen(self.settings.admin.host, self.settings.admin.port)
         self.admin_port = admin_sock.getsockname()[1]
-        await self._serve(build_admin_app(proxy), admin_sock, shutdown_timeout=1.0)
+        admin = web.AppRunner(
+            build_admin_app(proxy), handler_cancellation=True, shutdown_timeout=1.0, access_log=None
+        )
+        await self._serve(admin, admin_sock)
         await self.flags.start()
         proxy_sock = _listen(server.host, server.port)
         self.proxy_port = proxy_sock.getsockname()[1]
-        await self._serve(build_proxy_app(proxy), proxy_sock, server.shutdown_grace)
+        listener = web.ServerRunner(
+            web.Server(
+                build_handler(proxy),
+                handler_cancellation=True,
+                access_log=None,
+                max_field_size=16384,
+            ),
+            shutdown_timeout=server.shutdown_grace,
+        )
+        await self._serve(listener, proxy_sock)
         log.info(
             "strangler listening on %s (admin %s), legacy %s, candidate %s, flags %s",
             self.proxy_url,
@@ -154,15 +168,7 @@ class ProxyServer:
             self.flags.name,
         )
 
-    async def _serve(
-        self, app: web.Application, sock: socket.socket, shutdown_timeout: float
-    ) -> None:
-        runner = web.AppRunner(
-            app,
-            handler_cancellation=True,
-            shutdown_timeout=shutdown_timeout,
-            access_log=None,
-        )
+    async def _serve(self, runner: web.BaseRunner, sock: socket.socket) -> None:
         await runner.setup()
         await web.SockSite(runner, sock, backlog=1024).start()
         self._runners.append(runner)
@@ -172,7 +178,13 @@ class ProxyServer:
         if proxy is not None:
             proxy.draining = True
         # Proxy listener first (it was started last), admin last so /readyz says why.
+        # Stop accepting, close WebSocket sessions with 1001 (new upgrades are refused
+        # while draining), then give HTTP exchanges in flight their grace period.
         for runner in reversed(self._runners):
+            for site in list(runner.sites):
+                await site.stop()
+            if proxy is not None and runner is self._runners[-1]:
+                await close_all(proxy)
             await runner.cleanup()
         self._runners.clear()
         await self.flags.close()

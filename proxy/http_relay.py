@@ -32,7 +32,7 @@ class BodyTooLarge(Exception):
     pass
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     """The whole request body, or BodyTooLarge once it passes ``limit`` bytes."""
     if not request.body_exists:
         return b""
@@ -72,7 +72,7 @@ def outcome_of_status(status: int) -> Outcome:
 
 
 async def relay_http(
-    request: web.Request, proxy: Proxy, route: str, backend: Backend
+    request: web.BaseRequest, proxy: Proxy, route: str, backend: Backend
 ) -> web.StreamResponse:
     metrics = proxy.metrics
     started = time.perf_counter()
@@ -89,15 +89,13 @@ async def relay_http(
         response, outcome = await _exchange(request, proxy, route, backend, body, started)
         return response
     finally:
-        metrics.requests.labels(route, backend.value, "primary", outcome.value).inc()
+        metrics.count_request(route, backend.value, "primary", outcome.value)
         if outcome not in (Outcome.TOO_LARGE, Outcome.CLIENT_CLOSED):
-            metrics.duration.labels(route, backend.value, "primary").observe(
-                time.perf_counter() - started
-            )
+            metrics.observe_duration(route, backend.value, "primary", time.perf_counter() - started)
 
 
 async def _exchange(
-    request: web.Request,
+    request: web.BaseRequest,
     proxy: Proxy,
     route: str,
     backend: Backend,
@@ -126,14 +124,16 @@ async def _exchange(
         # conflicting length): the request itself is malformed.
         return error_response(400, "bad_request", str(exc), backend, route), Outcome.CLIENT_ERROR
 
-    first_event = proxy.metrics.first_event.labels(route, backend.value, "primary")
+    metrics = proxy.metrics
     outcome = outcome_of_status(upstream.status)
     response_headers = CIMultiDict(downstream_response_headers(upstream.headers, backend.value))
     async with upstream:
         if upstream.complete:
             # The whole body came with the head: answer in one write, nothing to stream.
             parts = [chunk async for chunk in upstream]
-            first_event.observe(time.perf_counter() - started)
+            metrics.observe_first_event(
+                route, backend.value, "primary", time.perf_counter() - started
+            )
             response = web.Response(
                 status=upstream.status,
                 reason=upstream.reason,
@@ -149,7 +149,9 @@ async def _exchange(
         try:
             async for chunk in upstream:
                 if first:
-                    first_event.observe(time.perf_counter() - started)
+                    metrics.observe_first_event(
+                        route, backend.value, "primary", time.perf_counter() - started
+                    )
                     first = False
                 await stream.write(chunk)
         except UpstreamError as exc:
@@ -160,7 +162,9 @@ async def _exchange(
                 request.transport.close()
             return stream, Outcome.BROKEN
         if first:
-            first_event.observe(time.perf_counter() - started)
+            metrics.observe_first_event(
+                route, backend.value, "primary", time.perf_counter() - started
+            )
         await stream.write_eof()
     return stream, outcome
 

@@ -8,6 +8,7 @@ outcomes, kinds and reasons all come from small fixed sets or the configuration.
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -52,6 +53,9 @@ ERROR_OUTCOMES = frozenset(
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        # Labelled children looked up once per label set: ``labels()`` validates and
+        # locks on every call, which shows on the per-request path.
+        self._children: dict[tuple[object, ...], Any] = {}
         r = self.registry
         self.requests = Counter(
             "strangler_requests_total",
@@ -127,3 +131,19 @@ class Metrics:
             ["route", "backend"],
             registry=r,
         )
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def count_request(self, route: str, backend: str, role: str, outcome: str) -> None:
+        self._child(self.requests, route, backend, role, outcome).inc()
+
+    def observe_duration(self, route: str, backend: str, role: str, seconds: float) -> None:
+        self._child(self.duration, route, backend, role).observe(seconds)
+
+    def observe_first_event(self, route: str, backend: str, role: str, seconds: float) -> None:
+        self._child(self.first_event, route, backend, role).observe(seconds)

@@ -32,7 +32,7 @@ BAD_GATEWAY = 1014
 _UNSENDABLE = frozenset({1005, 1006, 1015})
 
 
-def is_websocket_upgrade(request: web.Request) -> bool:
+def is_websocket_upgrade(request: web.BaseRequest) -> bool:
     return (
         request.method == "GET"
         and request.headers.get("Upgrade", "").lower() == "websocket"
@@ -47,7 +47,7 @@ def sendable(code: int | None) -> int:
 
 
 async def relay_websocket(
-    request: web.Request, proxy: Proxy, route: str, backend: Backend
+    request: web.BaseRequest, proxy: Proxy, route: str, backend: Backend
 ) -> web.StreamResponse:
     settings = proxy.settings.server
     offered = [
@@ -104,7 +104,7 @@ async def relay_websocket(
         code, reason, outcome = failure
         log.warning("route %s backend %s: websocket %s", route, backend, reason)
         await client.close(code=code, message=reason.encode()[:120])
-        proxy.metrics.requests.labels(route, backend.value, "primary", outcome.value).inc()
+        proxy.metrics.count_request(route, backend.value, "primary", outcome.value)
         return client
 
     session = _Session(proxy, route, backend, client, upstream)
@@ -156,9 +156,9 @@ class _Session:
                 await self.client.close(code=WSCloseCode.GOING_AWAY)
             proxy.websockets.discard(self.client)
             gauge.dec()
-            proxy.metrics.requests.labels(
+            proxy.metrics.count_request(
                 self.route, self.backend.value, "primary", self.outcome.value
-            ).inc()
+            )
         return self.client
 
     async def _client_to_upstream(self) -> None:
