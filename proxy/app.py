@@ -9,7 +9,9 @@ closes WebSocket sessions with 1001, lets HTTP exchanges in flight finish within
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -22,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from flags.file import FileFlagProvider
 from flags.provider import FlagProvider
 from flags.unleash import UnleashFlagProvider
-from proxy.admin import build_admin_app
+from proxy.admin import build_admin_app, refresh_rollout_gauges
 from proxy.context import Proxy
 from proxy.http_relay import error_response, relay_http
 from proxy.metrics import Metrics
@@ -79,14 +81,19 @@ def build_handler(proxy: Proxy) -> Callable[[web.BaseRequest], Awaitable[web.Str
     return handle
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    sock = socket.create_server((host, port), backlog=1024)
+def _listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    sock = socket.create_server((host, port), backlog=1024, reuse_port=reuse_port)
     sock.setblocking(False)
     return sock
 
 
 class ProxyServer:
-    """A proxy and its admin listener, started and stopped as one."""
+    """A proxy and its admin listener, started and stopped as one.
+
+    As one of several worker processes (``worker=True``) it shares its port with the
+    others (SO_REUSEPORT) and has no admin listener: the supervisor serves it, with the
+    metrics of every worker (see ``proxy.workers``).
+    """
 
     def __init__(
         self,
@@ -94,8 +101,11 @@ class ProxyServer:
         *,
         registry: CollectorRegistry | None = None,
         flags: FlagProvider | None = None,
+        worker: bool = False,
     ) -> None:
         self.settings = settings
+        self.worker = worker
+        self._gauges: asyncio.Task[None] | None = None
         self.metrics = Metrics(registry)
         self.flags = flags if flags is not None else build_flag_provider(settings.flags)
         self.proxy: Proxy | None = None
@@ -139,15 +149,21 @@ class ProxyServer:
                 Backend.CANDIDATE: self.settings.backends.candidate,
             },
         )
-        # Admin first: /healthz answers and /readyz says "not ready" while flags load.
-        admin_sock = _listen(self.settings.admin.host, self.settings.admin.port)
-        self.admin_port = admin_sock.getsockname()[1]
-        admin = web.AppRunner(
-            build_admin_app(proxy), handler_cancellation=True, shutdown_timeout=1.0, access_log=None
-        )
-        await self._serve(admin, admin_sock)
+        if not self.worker:
+            # Admin first: /healthz answers and /readyz says "not ready" while flags load.
+            admin_sock = _listen(self.settings.admin.host, self.settings.admin.port)
+            self.admin_port = admin_sock.getsockname()[1]
+            admin = web.AppRunner(
+                build_admin_app(proxy),
+                handler_cancellation=True,
+                shutdown_timeout=1.0,
+                access_log=None,
+            )
+            await self._serve(admin, admin_sock)
         await self.flags.start()
-        proxy_sock = _listen(server.host, server.port)
+        if self.worker:
+            self._gauges = asyncio.create_task(self._refresh_gauges(proxy))
+        proxy_sock = _listen(server.host, server.port, reuse_port=self.worker)
         self.proxy_port = proxy_sock.getsockname()[1]
         listener = web.ServerRunner(
             web.Server(
@@ -168,6 +184,13 @@ class ProxyServer:
             self.flags.name,
         )
 
+    async def _refresh_gauges(self, proxy: Proxy) -> None:
+        # Without an admin listener of its own, a worker keeps its gauges current for
+        # the supervisor's scrapes.
+        while True:
+            refresh_rollout_gauges(proxy)
+            await asyncio.sleep(1.0)
+
     async def _serve(self, runner: web.BaseRunner, sock: socket.socket) -> None:
         await runner.setup()
         await web.SockSite(runner, sock, backlog=1024).start()
@@ -187,6 +210,10 @@ class ProxyServer:
                 await close_all(proxy)
             await runner.cleanup()
         self._runners.clear()
+        if self._gauges is not None:
+            self._gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauges
         await self.flags.close()
         if proxy is not None:
             await proxy.session.close()
@@ -206,18 +233,25 @@ class ProxyServer:
         await self.stop()
 
 
-async def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT, then drain and return the exit status."""
+async def serve(settings: Settings, *, worker: bool = False, ready_fd: int | None = None) -> int:
+    """Run until SIGTERM or SIGINT, then drain and return the exit status.
+
+    A worker process writes one line to ``ready_fd`` once it serves, so that its
+    supervisor knows when every worker is ready.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = ProxyServer(settings)
+    server = ProxyServer(settings, worker=worker)
     try:
         await server.start()
     except BaseException:
         await server.stop()
         raise
+    if ready_fd is not None:
+        os.write(ready_fd, b"ready\n")
+        os.close(ready_fd)
     await stop.wait()
     log.info("signal received: draining (grace %.1f s)", settings.server.shutdown_grace)
     await server.stop()

@@ -34,8 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if settings is None:
             return 1
         from proxy.app import serve
+        from proxy.workers import supervise
 
         try:
+            if settings.server.workers > 1:
+                return _run(supervise(settings, Path(args.config)))
             return _run(serve(settings))
         except FlagsDocumentError as exc:
             print(f"strangler: flags: {exc}", file=sys.stderr)
@@ -43,6 +46,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             print(f"strangler: cannot start: {exc}", file=sys.stderr)
             return 1
+    if command == "worker":
+        settings = _load_or_report(Path(args.config))
+        if settings is None:
+            return 1
+        server = settings.server.model_copy(update={"port": args.port})
+        from proxy.app import serve
+
+        return _run(
+            serve(
+                settings.model_copy(update={"server": server}), worker=True, ready_fd=args.ready_fd
+            )
+        )
     if command == "demo":
         from proxy.demo import run_demo
 
@@ -115,6 +130,10 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a self-contained demonstration, no external service")
     demo.add_argument("--duration", type=float, default=40.0, metavar="SECONDS")
     demo.add_argument("--no-live", action="store_true", help="print lines instead of a live view")
+    worker = sub.add_parser("worker", help=argparse.SUPPRESS)
+    worker.add_argument("--config", required=True)
+    worker.add_argument("--port", type=int, required=True)
+    worker.add_argument("--ready-fd", type=int, required=True)
     disp = sub.add_parser("dispatcher", help="run a demo tool dispatcher backend")
     disp.add_argument("--name", choices=["legacy", "candidate"], required=True)
     disp.add_argument("--host", default="127.0.0.1")

@@ -1,8 +1,10 @@
-"""Every Prometheus collector of the proxy, on a registry of its own (I/O-free shell part).
+"""Every Prometheus collector of the proxy, on a registry of its own (shell).
 
 Names and labels are the contract of SPEC section 11 that dashboards and alert rules
 use. No label carries a user id or any other unbounded value: routes, backends, roles,
 outcomes, kinds and reasons all come from small fixed sets or the configuration.
+With several worker processes, prometheus_client's multiprocess mode keeps the values in
+shared files and each gauge says how the workers' values combine.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ class Metrics:
             "The flag's rollout percentage as this replica sees it.",
             ["route", "flag"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.rollbacks = Counter(
             "strangler_rollbacks_total",
@@ -124,12 +127,14 @@ class Metrics:
             "0 healthy, 1 holding, 2 failing, 3 rolled back.",
             ["route"],
             registry=r,
+            multiprocess_mode="max",
         )
         self.websocket_sessions = Gauge(
             "strangler_websocket_sessions",
             "WebSocket sessions open now.",
             ["route", "backend"],
             registry=r,
+            multiprocess_mode="livesum",
         )
 
     def _child(self, metric: Any, *labels: str) -> Any:

@@ -59,6 +59,7 @@ class _Section(BaseModel):
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
     max_body_bytes: Annotated[int, Field(ge=0)] = 10 * 1024 * 1024
     max_ws_message_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
     connect_timeout: Seconds = 5.0
