@@ -52,7 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         server = settings.server.model_copy(update={"port": args.port})
         from proxy.app import serve
+        from proxy.workers import die_with_parent
 
+        die_with_parent()
         return _run(
             serve(
                 settings.model_copy(update={"server": server}), worker=True, ready_fd=args.ready_fd

@@ -193,6 +193,19 @@ class Supervisor:
         return response
 
 
+def die_with_parent() -> None:
+    """Ask Linux to send this worker SIGTERM when its supervisor dies, however it dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the supervisor died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 async def supervise(settings: Settings, config: Path) -> int:
     """``strangler run`` with several workers: until SIGTERM or SIGINT, then drain."""
     stop = asyncio.Event()

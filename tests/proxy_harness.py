@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import re
+import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -72,3 +76,56 @@ async def running_proxy(
         yield server
     finally:
         await server.stop()
+
+
+class StranglerProcess:
+    """A real ``strangler run`` process, started on a configuration file."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, proxy_url: str, admin_url: str) -> None:
+        self.proc = proc
+        self.proxy_url = proxy_url
+        self.admin_url = admin_url
+        self.log: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    async def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        async for line in self.proc.stderr:
+            self.log.append(line.decode())
+
+
+@asynccontextmanager
+async def strangler_process(config: Path) -> AsyncIterator[StranglerProcess]:
+    """Start ``strangler run --config`` and wait for the line that says where it listens."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stderr is not None
+    seen = []
+    while True:
+        line = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
+        seen.append(line)
+        assert line, "strangler exited before listening:\n" + "".join(seen)
+        match = re.search(r"listening on (\S+) \(admin (\S+?)\)", line)
+        if match:
+            break
+    running = StranglerProcess(proc, match.group(1), match.group(2))
+    running._reader = asyncio.create_task(running._read_log())
+    try:
+        yield running
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+        await proc.wait()
+        await running._reader

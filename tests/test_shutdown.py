@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -15,28 +12,15 @@ import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
 
-from tests.proxy_harness import flags_document, write_flags
+from tests.proxy_harness import StranglerProcess, flags_document, strangler_process, write_flags
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
-
-
-class StrangleProcess:
-    def __init__(self, proc: asyncio.subprocess.Process, proxy_url: str, admin_url: str) -> None:
-        self.proc = proc
-        self.proxy_url = proxy_url
-        self.admin_url = admin_url
-        self.log: list[str] = []
-
-    async def read_log(self) -> None:
-        assert self.proc.stderr is not None
-        async for line in self.proc.stderr:
-            self.log.append(line.decode())
 
 
 @pytest.fixture
 async def started(
     aiohttp_server: ServerFactory, tmp_path: Path
-) -> AsyncIterator[tuple[StrangleProcess, asyncio.Event, asyncio.Event]]:
+) -> AsyncIterator[tuple[StranglerProcess, asyncio.Event, asyncio.Event]]:
     release, holding = asyncio.Event(), asyncio.Event()
 
     async def slow(request: web.Request) -> web.StreamResponse:
@@ -82,40 +66,18 @@ protocol = "websocket"
 flag = "ssot-dispatcher"
 """
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "run",
-        "--config",
-        str(config),
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stderr is not None
-    while True:
-        line = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
-        assert line, "strangler exited before listening"
-        match = re.search(r"listening on (\S+) \(admin (\S+)\)", line)
-        if match:
-            break
-    running = StrangleProcess(proc, match.group(1), match.group(2).rstrip(","))
-    reader = asyncio.create_task(running.read_log())
-    try:
-        yield running, release, holding
-    finally:
-        release.set()
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        await reader
+    async with strangler_process(config) as running:
+        try:
+            yield running, release, holding
+        finally:
+            release.set()
 
 
 SHUTDOWN_GRACE = 3
 
 
 async def test_sigterm_drains_http_closes_websockets_with_1001_and_exits_0(
-    started: tuple[StrangleProcess, asyncio.Event, asyncio.Event],
+    started: tuple[StranglerProcess, asyncio.Event, asyncio.Event],
 ) -> None:
     proc, release, holding = started
     async with aiohttp.ClientSession() as client:
@@ -142,7 +104,7 @@ async def test_sigterm_drains_http_closes_websockets_with_1001_and_exits_0(
 
 
 async def test_exchanges_that_outlive_the_grace_period_are_cut_and_the_proxy_still_exits_0(
-    started: tuple[StrangleProcess, asyncio.Event, asyncio.Event],
+    started: tuple[StranglerProcess, asyncio.Event, asyncio.Event],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     proc, _release, holding = started
