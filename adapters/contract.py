@@ -139,6 +139,21 @@ class Contract:
             detail = f"the sequence is empty, but the contract expects {_choice(expected)} first"
         return ContractResult(False, len(types), expected, detail)
 
+    def finished(self, types: Sequence[str]) -> bool:
+        """True when the sequence is a complete sentence that no further event can extend.
+
+        A WebSocket turn ends there (``agent_completed`` in the demo grammar) without
+        waiting for an idle timeout.
+        """
+        states = self._start
+        for name in types:
+            if name not in self.names:
+                return False
+            states = self._move(states, name)
+            if not states:
+                return False
+        return self._accept in states and not self._expected(states)
+
     def _move(self, states: frozenset[int], name: str) -> frozenset[int]:
         key = (states, name)
         known = self._moves.get(key)
