@@ -1,7 +1,9 @@
 """Flag provider ``file``: an Unleash features document on disk, re-read on change (I/O).
 
-The file is watched by polling its identity (inode, size, mtime) so that an atomic
-replace (write a temporary file, then rename) is picked up within ``poll_interval``.
+The file is watched by reading it every ``poll_interval`` and comparing its bytes with
+the document in force: a file's inode, size and modification time can all look the same
+after two quick atomic replaces (inode numbers are reused, timestamps are coarse), its
+bytes cannot.
 A snapshot is swapped whole, so a request always sees one consistent document; a
 document that fails to parse is logged and the last good snapshot stays in force.
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -49,7 +50,7 @@ class FileFlagProvider:
         self.reloads = 0
         self.reload_errors = 0
         self._flags: FlagSet | None = None
-        self._identity: tuple[int, int, int] | None = None
+        self._raw: bytes | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._reloaded = asyncio.Event()
 
@@ -62,7 +63,7 @@ class FileFlagProvider:
         return self._flags if self._flags is not None else FlagSet()
 
     async def start(self) -> None:
-        self._identity = self._stat()
+        self._raw = self._read()
         self._flags = read_flags(self.path)
         self._watcher = asyncio.create_task(self._watch(), name="strangler-flags-file-watch")
 
@@ -81,18 +82,19 @@ class FileFlagProvider:
         return rollout_percent(self.flags, flag)
 
     def reload_if_changed(self) -> bool:
-        """Re-read the file when its identity changed; True when a new snapshot is in force."""
-        identity = self._stat()
-        if identity is None or identity == self._identity:
+        """Re-read the file when it changed; True when a new snapshot is in force."""
+        raw = self._read()
+        if raw is None or raw == self._raw:
             return False
         try:
-            flags = read_flags(self.path)
+            flags = parse_flags(raw)
         except FlagsDocumentError as exc:
             # Half-written or broken: keep serving the last good snapshot.
             self.reload_errors += 1
-            log.error("flags file not reloaded, keeping the previous flags: %s", exc)
+            self._raw = raw  # report a broken document once, not on every poll
+            log.error("flags file %s not reloaded, keeping the previous flags: %s", self.path, exc)
             return False
-        self._identity = identity
+        self._raw = raw
         self._flags = flags
         self.reloads += 1
         # Wake whoever waits for this reload, then arm a fresh event for the next one.
@@ -110,9 +112,8 @@ class FileFlagProvider:
             await asyncio.sleep(self.poll_interval)
             self.reload_if_changed()
 
-    def _stat(self) -> tuple[int, int, int] | None:
+    def _read(self) -> bytes | None:
         try:
-            st = os.stat(self.path)
+            return self.path.read_bytes()
         except OSError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
+            return None  # mid-replace, or removed: keep the flags in force

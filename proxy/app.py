@@ -26,10 +26,13 @@ from flags.provider import FlagProvider
 from flags.unleash import UnleashFlagProvider
 from proxy.admin import build_admin_app, refresh_rollout_gauges
 from proxy.context import Proxy
+from proxy.divergence_store import DivergenceStore
+from proxy.experiment import RouteExperiment
 from proxy.http_relay import error_response, relay_http
 from proxy.metrics import Metrics
 from proxy.routing import UNROUTED, Backend, RouteTable, choose_backend
 from proxy.settings import FlagSettings, Settings
+from proxy.shadow import ShadowRunner
 from proxy.upstream import UpstreamPool
 from proxy.websocket_relay import close_all, is_websocket_upgrade, relay_websocket
 
@@ -75,8 +78,8 @@ def build_handler(proxy: Proxy) -> Callable[[web.BaseRequest], Awaitable[web.Str
         if is_websocket_upgrade(request):
             if proxy.draining:
                 return error_response(503, "shutting_down", "the proxy is draining", backend, label)
-            return await relay_websocket(request, proxy, label, backend)
-        return await relay_http(request, proxy, label, backend)
+            return await relay_websocket(request, proxy, route, backend, user_id)
+        return await relay_http(request, proxy, route, backend, user_id)
 
     return handle
 
@@ -108,6 +111,15 @@ class ProxyServer:
         self._gauges: asyncio.Task[None] | None = None
         self.metrics = Metrics(registry)
         self.flags = flags if flags is not None else build_flag_provider(settings.flags)
+        self.store: DivergenceStore | None = (
+            DivergenceStore(
+                settings.divergences.path,
+                max_rows=settings.divergences.max_rows,
+                redact=settings.divergences.redact,
+            )
+            if any(route.shadow > 0 for route in settings.routes)
+            else None
+        )
         self.proxy: Proxy | None = None
         self._runners: list[web.BaseRunner] = []
         self.proxy_port = 0
@@ -123,6 +135,8 @@ class ProxyServer:
 
     async def start(self) -> None:
         server = self.settings.server
+        if self.store is not None:
+            await self.store.start()
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=server.upstream_connections, limit_per_host=0, keepalive_timeout=30
@@ -139,6 +153,17 @@ class ProxyServer:
             flags=self.flags,
             metrics=self.metrics,
             session=session,
+            shadow_session=aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.settings.shadow.connections),
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    connect=server.connect_timeout,
+                    sock_read=None,
+                    sock_connect=server.connect_timeout,
+                ),
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+            ),
             pool=UpstreamPool(
                 max_connections=server.upstream_connections,
                 connect_timeout=server.connect_timeout,
@@ -148,7 +173,17 @@ class ProxyServer:
                 Backend.LEGACY: self.settings.backends.legacy,
                 Backend.CANDIDATE: self.settings.backends.candidate,
             },
+            shadows=ShadowRunner(
+                self.settings.shadow,
+                self.metrics,
+                connect_timeout=server.connect_timeout,
+                read_timeout=server.read_timeout,
+            ),
+            experiments={},
+            store=self.store,
         )
+        for route in proxy.routes.routes:
+            proxy.experiments[route.name] = RouteExperiment(route, self.metrics, self.store)
         if not self.worker:
             # Admin first: /healthz answers and /readyz says "not ready" while flags load.
             admin_sock = _listen(self.settings.admin.host, self.settings.admin.port)
@@ -216,8 +251,12 @@ class ProxyServer:
                 await self._gauges
         await self.flags.close()
         if proxy is not None:
+            await proxy.shadows.close()
+            await proxy.shadow_session.close()
             await proxy.session.close()
             await proxy.pool.close()
+        if self.store is not None:
+            await self.store.close()
         log.info("strangler stopped")
 
     async def __aenter__(self) -> ProxyServer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -12,6 +13,11 @@ from proxy.metrics import Metrics
 from proxy.routing import Backend, RouteTable
 from proxy.settings import Settings
 from proxy.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from proxy.divergence_store import DivergenceStore
+    from proxy.experiment import RouteExperiment
+    from proxy.shadow import ShadowRunner
 
 
 @dataclass(eq=False)
@@ -23,8 +29,12 @@ class Proxy:
     flags: FlagProvider
     metrics: Metrics
     session: aiohttp.ClientSession  # WebSocket upstream connections
+    shadow_session: aiohttp.ClientSession  # shadow WebSocket connections: a pool of their own
     pool: UpstreamPool  # HTTP upstream exchanges
     backend_urls: dict[Backend, str]
+    shadows: ShadowRunner
+    experiments: dict[str, RouteExperiment]
+    store: DivergenceStore | None
     websockets: set[web.WebSocketResponse] = field(default_factory=set)
     draining: bool = False
 

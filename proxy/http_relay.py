@@ -1,31 +1,47 @@
 """Relay one HTTP exchange to the chosen backend and stream the answer back (I/O).
 
 The request body is read once, up to the configured limit (413 beyond it), before the
-backend is contacted, so an oversized upload never reaches a backend half-sent. The
-response is relayed as raw bytes (compressed bodies stay compressed) chunk by chunk as
-the backend sends them, through the lean upstream pool of ``proxy.upstream``; ``write``
-waits for the client to drain, and the upstream reader pauses when its buffer is full,
-so a slow reader holds back the backend instead of growing the proxy's memory. A client
-that goes away cancels the handler (``handler_cancellation``), which closes the upstream
-exchange at once.
+backend is contacted, so an oversized upload never reaches a backend half-sent, and so
+the same bytes can be replayed to the shadow. The response is relayed as raw bytes
+(compressed bodies stay compressed) as the backend sends them, through the lean upstream
+pool of ``proxy.upstream``; ``write`` waits for the client to drain, and the upstream
+reader pauses when its buffer is full, so a slow reader holds back the backend instead
+of growing the proxy's memory. A client that goes away cancels the handler
+(``handler_cancellation``), which closes the upstream exchange at once.
+
+On a route with an experiment, a recorder decodes what the primary sends into events as
+it passes, without holding any of it back; the shadow runs concurrently on its own pool
+and the two are compared once both have ended. On a route that checks isolation, NDJSON
+lines and SSE events are relayed whole, one by one, so that an event carrying another
+user's id can be withheld; a JSON body with such an event is replaced by a 502.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import time
+from collections.abc import Sequence
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from adapters.framing import NdjsonFramer, SseFramer
+from adapters.isolation import belongs_to
 from proxy.context import Proxy
-from proxy.headers import downstream_response_headers, upstream_request_headers
+from proxy.experiment import RouteExperiment
+from proxy.headers import SHADOW_HEADER, downstream_response_headers, upstream_request_headers
 from proxy.metrics import Outcome
-from proxy.routing import Backend
+from proxy.observation import Observation, Recorder
+from proxy.routing import UNROUTED, Backend, Route
+from proxy.shadow import shadow_backend, shadow_refusal
 from proxy.upstream import UpstreamError, UpstreamTimeout, UpstreamUnreachable
 
 log = logging.getLogger("strangler.relay")
+
+Headers = Sequence[tuple[str, str]]
 
 
 class BodyTooLarge(Exception):
@@ -71,102 +87,307 @@ def outcome_of_status(status: int) -> Outcome:
     return Outcome.SUCCESS
 
 
-async def relay_http(
-    request: web.BaseRequest, proxy: Proxy, route: str, backend: Backend
-) -> web.StreamResponse:
-    metrics = proxy.metrics
-    started = time.perf_counter()
-    outcome = Outcome.CLIENT_CLOSED
-    try:
+class _Exchange:
+    """One relayed exchange: the primary, and the shadow's hand-off if there is one."""
+
+    def __init__(
+        self,
+        request: web.BaseRequest,
+        proxy: Proxy,
+        route: Route | None,
+        backend: Backend,
+        user_id: str | None,
+    ) -> None:
+        self.request = request
+        self.proxy = proxy
+        self.route = route
+        self.label = route.name if route is not None else UNROUTED
+        self.backend = backend
+        self.user_id = user_id
+        self.started = time.perf_counter()
+        self.experiment: RouteExperiment | None = (
+            proxy.experiments.get(route.name) if route is not None else None
+        )
+        settings = route.settings if route is not None else None
+        self.user_field = settings.user_field if settings is not None and user_id else None
+        self.recorder: Recorder | None = None
+        self.primary_done: asyncio.Future[Observation] | None = None
+
+    async def run(self) -> web.StreamResponse:
+        proxy, label, backend = self.proxy, self.label, self.backend
+        outcome = Outcome.CLIENT_CLOSED
         try:
-            body = await read_body(request, proxy.settings.server.max_body_bytes)
-        except BodyTooLarge:
-            outcome = Outcome.TOO_LARGE
-            limit = proxy.settings.server.max_body_bytes
-            return error_response(
-                413, "request_too_large", f"request body over {limit} bytes", backend, route
+            try:
+                body = await read_body(self.request, proxy.settings.server.max_body_bytes)
+            except BodyTooLarge:
+                outcome = Outcome.TOO_LARGE
+                limit = proxy.settings.server.max_body_bytes
+                return error_response(
+                    413, "request_too_large", f"request body over {limit} bytes", backend, label
+                )
+            headers = upstream_request_headers(
+                self.request.headers.items(),
+                client_ip=self.request.remote,
+                proto=self.request.scheme,
+                host=self.request.host,
             )
-        response, outcome = await _exchange(request, proxy, route, backend, body, started)
-        return response
-    finally:
-        metrics.count_request(route, backend.value, "primary", outcome.value)
-        if outcome not in (Outcome.TOO_LARGE, Outcome.CLIENT_CLOSED):
-            metrics.observe_duration(route, backend.value, "primary", time.perf_counter() - started)
+            if self.experiment is not None:
+                self._start_observing(headers, body)
+            response, outcome = await self._primary(headers, body)
+            return response
+        finally:
+            proxy.metrics.count_request(label, backend.value, "primary", outcome.value)
+            if outcome not in (Outcome.TOO_LARGE, Outcome.CLIENT_CLOSED):
+                proxy.metrics.observe_duration(
+                    label, backend.value, "primary", time.perf_counter() - self.started
+                )
+            self._finish_observing(outcome)
+
+    # --- observation and shadow -------------------------------------------------------
+
+    def _start_observing(self, headers: Headers, body: bytes) -> None:
+        route, experiment = self.route, self.experiment
+        assert route is not None and experiment is not None
+        settings = route.settings
+        refusal = shadow_refusal(
+            settings,
+            self.request.method,
+            len(body),
+            self.proxy.settings.shadow.max_body_bytes,
+            random.random(),
+        )
+        shadowed = refusal is None
+        if refusal is not None and refusal != "sampled_out":
+            self.proxy.shadows.drop(route.name, refusal)
+        if not (shadowed or experiment.contract is not None or self.user_field is not None):
+            return
+        observation = Observation(self.backend, "primary", self.started)
+        self.recorder = Recorder(observation, route.protocol, settings.event_type_field)
+        if shadowed:
+            self.primary_done = asyncio.get_running_loop().create_future()
+            target = shadow_backend(settings, self.backend)
+            started = self.proxy.shadows.spawn(
+                route.name,
+                run_http_shadow(
+                    self.proxy,
+                    route,
+                    experiment,
+                    target,
+                    self.request.method,
+                    self.request.raw_path,
+                    headers,
+                    body,
+                    self.primary_done,
+                ),
+            )
+            if not started:
+                self.primary_done = None
+
+    def _finish_observing(self, outcome: Outcome) -> None:
+        recorder, experiment = self.recorder, self.experiment
+        if recorder is None or experiment is None:
+            return
+        observation = recorder.finish(time.perf_counter())
+        observation.cancelled = outcome is Outcome.CLIENT_CLOSED
+        if outcome in (Outcome.UNREACHABLE, Outcome.TIMEOUT, Outcome.BROKEN):
+            observation.error = observation.error or outcome.value
+            observation.timed_out = outcome is Outcome.TIMEOUT
+        if self.primary_done is not None:
+            if not self.primary_done.done():
+                self.primary_done.set_result(observation)
+        else:
+            experiment.conclude(observation, None)
+
+    def _withheld(self, events: Sequence[object]) -> bool:
+        """Whether these events carry another user's id (counted once per event)."""
+        assert self.user_field is not None and self.user_id is not None
+        bad = [e for e in events if not belongs_to(e, self.user_field, self.user_id)]  # type: ignore[arg-type]
+        if bad:
+            self.proxy.metrics.isolation_violations.labels(self.label, self.backend.value).inc(
+                len(bad)
+            )
+            log.warning(
+                "route %s: withheld %d event(s) of another user from %s",
+                self.label,
+                len(bad),
+                self.backend.value,
+            )
+        return bool(bad)
+
+    # --- the primary exchange ---------------------------------------------------------
+
+    async def _primary(self, headers: Headers, body: bytes) -> tuple[web.StreamResponse, Outcome]:
+        proxy, backend, label = self.proxy, self.backend, self.label
+        request = self.request
+        try:
+            upstream = await proxy.pool.request(
+                proxy.backend_urls[backend], request.method, request.raw_path, headers, body
+            )
+        except UpstreamUnreachable as exc:
+            return _failure(
+                502, "backend_unreachable", str(exc), backend, label, Outcome.UNREACHABLE
+            )
+        except UpstreamTimeout as exc:
+            detail = str(exc) or "no response within the backend timeout"
+            return _failure(504, "backend_timeout", detail, backend, label, Outcome.TIMEOUT)
+        except UpstreamError as exc:
+            return _failure(502, "backend_error", str(exc), backend, label, Outcome.BROKEN)
+        except ValueError as exc:
+            # A header the upstream client refuses to send (a control character, a
+            # conflicting length): the request itself is malformed.
+            response = error_response(400, "bad_request", str(exc), backend, label)
+            return response, Outcome.CLIENT_ERROR
+
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.begin(upstream.status)
+        metrics = proxy.metrics
+        outcome = outcome_of_status(upstream.status)
+        response_headers = CIMultiDict(downstream_response_headers(upstream.headers, backend.value))
+        protocol = self.route.protocol if self.route is not None else "json"
+        framed = self.user_field is not None and protocol in ("ndjson", "sse")
+        async with upstream:
+            if upstream.complete or (self.user_field is not None and protocol == "json"):
+                # The whole body came with the head (or must be seen whole before it may
+                # go out): answer in one write, nothing to stream.
+                try:
+                    parts = [chunk async for chunk in upstream]
+                except UpstreamError as exc:
+                    return _failure(502, "backend_error", str(exc), backend, label, Outcome.BROKEN)
+                payload = b"".join(parts)
+                now = time.perf_counter()
+                metrics.observe_first_event(label, backend.value, "primary", now - self.started)
+                if recorder is not None:
+                    events = recorder.feed(payload, now)
+                    if self.user_field is not None and self._withheld(events):
+                        response = error_response(
+                            502,
+                            "isolation_violation",
+                            "the backend's answer carried another user's data",
+                            backend,
+                            label,
+                        )
+                        return response, Outcome.BROKEN
+                response = web.Response(
+                    status=upstream.status,
+                    reason=upstream.reason,
+                    headers=response_headers,
+                    body=payload or None,
+                )
+                return response, outcome
+            stream = web.StreamResponse(
+                status=upstream.status, reason=upstream.reason, headers=response_headers
+            )
+            await stream.prepare(request)
+            framer = (NdjsonFramer() if protocol == "ndjson" else SseFramer()) if framed else None
+            first = True
+            try:
+                async for chunk in upstream:
+                    now = time.perf_counter()
+                    if first:
+                        metrics.observe_first_event(
+                            label, backend.value, "primary", now - self.started
+                        )
+                        first = False
+                    if framer is not None:
+                        await self._relay_frames(stream, framer.feed(chunk), now)
+                        continue
+                    if recorder is not None:
+                        recorder.feed(chunk, now)
+                    await stream.write(chunk)
+                if framer is not None:
+                    await self._relay_frames(stream, framer.close(), time.perf_counter())
+            except UpstreamError as exc:
+                # The status line is gone already: the only honest signal left is to cut
+                # the client's connection so it cannot mistake a truncated body for whole.
+                log.warning("backend %s failed mid-response on route %s: %s", backend, label, exc)
+                if request.transport is not None:
+                    request.transport.close()
+                if recorder is not None:
+                    recorder.observation.error = str(exc)
+                return stream, Outcome.BROKEN
+            if first:
+                metrics.observe_first_event(
+                    label, backend.value, "primary", time.perf_counter() - self.started
+                )
+            await stream.write_eof()
+        return stream, outcome
+
+    async def _relay_frames(
+        self, stream: web.StreamResponse, frames: list[bytes], now: float
+    ) -> None:
+        recorder = self.recorder
+        assert recorder is not None
+        for frame in frames:
+            events = recorder.feed(frame, now)
+            if events and self._withheld(events):
+                continue
+            await stream.write(frame)
 
 
-async def _exchange(
+async def relay_http(
     request: web.BaseRequest,
     proxy: Proxy,
-    route: str,
+    route: Route | None,
     backend: Backend,
-    body: bytes,
-    started: float,
-) -> tuple[web.StreamResponse, Outcome]:
-    headers = upstream_request_headers(
-        request.headers.items(),
-        client_ip=request.remote,
-        proto=request.scheme,
-        host=request.host,
-    )
-    try:
-        upstream = await proxy.pool.request(
-            proxy.backend_urls[backend], request.method, request.raw_path, headers, body
-        )
-    except UpstreamUnreachable as exc:
-        return _failure(502, "backend_unreachable", str(exc), backend, route, Outcome.UNREACHABLE)
-    except UpstreamTimeout as exc:
-        detail = str(exc) or "no response within the backend timeout"
-        return _failure(504, "backend_timeout", detail, backend, route, Outcome.TIMEOUT)
-    except UpstreamError as exc:
-        return _failure(502, "backend_error", str(exc), backend, route, Outcome.BROKEN)
-    except ValueError as exc:
-        # A header the upstream client refuses to send (a control character, a
-        # conflicting length): the request itself is malformed.
-        return error_response(400, "bad_request", str(exc), backend, route), Outcome.CLIENT_ERROR
+    user_id: str | None = None,
+) -> web.StreamResponse:
+    return await _Exchange(request, proxy, route, backend, user_id).run()
 
+
+async def run_http_shadow(
+    proxy: Proxy,
+    route: Route,
+    experiment: RouteExperiment,
+    backend: Backend,
+    method: str,
+    target: str,
+    headers: Headers,
+    body: bytes,
+    primary_done: asyncio.Future[Observation],
+) -> None:
+    """The shadow exchange: same request, the other backend, marked, then the comparison."""
+    shadows = proxy.shadows
     metrics = proxy.metrics
-    outcome = outcome_of_status(upstream.status)
-    response_headers = CIMultiDict(downstream_response_headers(upstream.headers, backend.value))
-    async with upstream:
-        if upstream.complete:
-            # The whole body came with the head: answer in one write, nothing to stream.
-            parts = [chunk async for chunk in upstream]
-            metrics.observe_first_event(
-                route, backend.value, "primary", time.perf_counter() - started
+    label = route.name
+    started = time.perf_counter()
+    observation = Observation(backend, "shadow", started)
+    recorder = Recorder(observation, route.protocol, route.settings.event_type_field)
+    outcome = Outcome.SUCCESS
+    try:
+        async with asyncio.timeout(shadows.timeout):
+            upstream = await shadows.pool.request(
+                proxy.backend_urls[backend],
+                method,
+                target,
+                [*headers, (SHADOW_HEADER, "1")],
+                body,
             )
-            response = web.Response(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=response_headers,
-                body=b"".join(parts) if parts else None,
-            )
-            return response, outcome
-        stream = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason, headers=response_headers
-        )
-        await stream.prepare(request)
-        first = True
-        try:
-            async for chunk in upstream:
-                if first:
-                    metrics.observe_first_event(
-                        route, backend.value, "primary", time.perf_counter() - started
-                    )
-                    first = False
-                await stream.write(chunk)
-        except UpstreamError as exc:
-            # The status line is gone already: the only honest signal left is to cut
-            # the client's connection so it cannot mistake a truncated body for a whole one.
-            log.warning("backend %s failed mid-response on route %s: %s", backend, route, exc)
-            if request.transport is not None:
-                request.transport.close()
-            return stream, Outcome.BROKEN
-        if first:
-            metrics.observe_first_event(
-                route, backend.value, "primary", time.perf_counter() - started
-            )
-        await stream.write_eof()
-    return stream, outcome
+            recorder.begin(upstream.status)
+            outcome = outcome_of_status(upstream.status)
+            async with upstream:
+                async for chunk in upstream:
+                    recorder.feed(chunk, time.perf_counter())
+    except TimeoutError:
+        observation.timed_out = True
+        outcome = Outcome.TIMEOUT
+        shadows.drop(label, "timeout")
+    except UpstreamUnreachable as exc:
+        observation.error = str(exc)
+        outcome = Outcome.UNREACHABLE
+        shadows.drop(label, "unreachable")
+    except UpstreamError as exc:
+        observation.error = str(exc)
+        outcome = Outcome.BROKEN
+        shadows.drop(label, "error")
+    finished = time.perf_counter()
+    recorder.finish(finished)
+    metrics.count_request(label, backend.value, "shadow", outcome.value)
+    metrics.observe_duration(label, backend.value, "shadow", finished - started)
+    if observation.first_event is not None:
+        metrics.observe_first_event(label, backend.value, "shadow", observation.first_event)
+    primary = await primary_done
+    experiment.conclude(primary, observation)
 
 
 def _failure(

@@ -25,8 +25,12 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from adapters.contract import Contract, ContractError
+from adapters.normalise import Normaliser
 
 ENV_PREFIX = "STRANGLER_"
 ENV_DELIMITER = "__"
@@ -104,6 +108,19 @@ class CompareSettings(_Section):
     coalesce: list[str] = Field(default_factory=list)
     presence_only: list[str] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _paths_compile(self) -> CompareSettings:
+        try:
+            Normaliser(
+                ignore=self.ignore,
+                canonical_ids=self.canonical_ids,
+                coalesce=self.coalesce,
+                presence_only=self.presence_only,
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
 
 class RollbackSettings(_Section):
     window_seconds: Seconds = 10.0
@@ -126,6 +143,20 @@ class PromotionSettings(_Section):
         return steps
 
 
+class ShadowSettings(_Section):
+    max_concurrent: Annotated[int, Field(ge=1)] = 256
+    max_body_bytes: Annotated[int, Field(ge=0)] = 1024 * 1024
+    connections: Annotated[int, Field(ge=1)] = 256
+    timeout: Seconds = 30.0
+    drain_seconds: Seconds = 5.0
+
+
+class DivergenceSettings(_Section):
+    path: Path = Path("strangler-divergences.sqlite3")
+    max_rows: Annotated[int, Field(ge=1)] = 10_000
+    redact: list[str] = Field(default_factory=list)
+
+
 class RouteSettings(_Section):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     path: Annotated[str, Field(pattern=r"^/[^\s?#]*$")]
@@ -133,12 +164,25 @@ class RouteSettings(_Section):
     flag: Annotated[str, Field(min_length=1)]
     shadow: Annotated[float, Field(ge=0, le=1)] = 0.0
     shadow_methods: list[str] = Field(default_factory=lambda: ["GET", "HEAD", "OPTIONS"])
+    shadow_target: Literal["other", "legacy"] = "other"
     event_type_field: str = "type"
     contract: str | None = None
     user_field: str | None = None
+    turn_end: list[str] = Field(default_factory=list)
+    turn_idle_seconds: Seconds = 5.0
     compare: CompareSettings = Field(default_factory=CompareSettings)
     rollback: RollbackSettings = Field(default_factory=RollbackSettings)
     promotion: PromotionSettings | None = None
+
+    @field_validator("contract")
+    @classmethod
+    def _parses(cls, contract: str | None) -> str | None:
+        if contract is not None:
+            try:
+                Contract.parse(contract)
+            except ContractError as exc:
+                raise ValueError(str(exc)) from None
+        return contract
 
     @field_validator("shadow_methods")
     @classmethod
@@ -163,6 +207,8 @@ class Settings(BaseSettings):
     backends: BackendSettings
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     flags: FlagSettings = Field(default_factory=FlagSettings)
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
+    divergences: DivergenceSettings = Field(default_factory=DivergenceSettings)
     routes: list[RouteSettings] = Field(default_factory=list)
 
     @classmethod

@@ -14,16 +14,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 from yarl import URL
 
+from adapters.events import Event
+from adapters.isolation import belongs_to
 from proxy.context import Proxy
-from proxy.headers import BACKEND_HEADER, upstream_request_headers
+from proxy.experiment import RouteExperiment
+from proxy.headers import BACKEND_HEADER, SHADOW_HEADER, upstream_request_headers
 from proxy.metrics import Outcome
-from proxy.routing import Backend
+from proxy.routing import UNROUTED, Backend, Route
+from proxy.shadow import shadow_backend, shadow_refusal
+from proxy.turns import TurnTracker
 
 log = logging.getLogger("strangler.relay")
 
@@ -47,8 +53,13 @@ def sendable(code: int | None) -> int:
 
 
 async def relay_websocket(
-    request: web.BaseRequest, proxy: Proxy, route: str, backend: Backend
+    request: web.BaseRequest,
+    proxy: Proxy,
+    route_obj: Route | None,
+    backend: Backend,
+    user_id: str | None = None,
 ) -> web.StreamResponse:
+    route = route_obj.name if route_obj is not None else UNROUTED
     settings = proxy.settings.server
     offered = [
         p.strip()
@@ -108,6 +119,9 @@ async def relay_websocket(
         return client
 
     session = _Session(proxy, route, backend, client, upstream)
+    experiment = proxy.experiments.get(route) if route_obj is not None else None
+    if route_obj is not None and experiment is not None:
+        session.observe(route_obj, experiment, user_id, url, headers)
     return await session.run()
 
 
@@ -131,6 +145,36 @@ class _Session:
         self.closing = False
         self.turn_started: float | None = None
         self.first_event = proxy.metrics.first_event.labels(route, backend.value, "primary")
+        self.tracker: TurnTracker | None = None
+        self.user_field: str | None = None
+        self.user_id: str | None = None
+        self.shadow: _Shadow | None = None
+
+    def observe(
+        self,
+        route: Route,
+        experiment: RouteExperiment,
+        user_id: str | None,
+        url: URL,
+        headers: list[tuple[str, str]],
+    ) -> None:
+        """Record turns for the route's experiment; open a shadow connection if sampled."""
+        settings = route.settings
+        refusal = shadow_refusal(
+            settings, "GET", 0, self.proxy.settings.shadow.max_body_bytes, random.random()
+        )
+        if refusal is not None and refusal != "sampled_out":
+            self.proxy.shadows.drop(route.name, refusal)
+        target = shadow_backend(settings, self.backend) if refusal is None else None
+        if target is not None and not self.proxy.shadows.has_room():
+            self.proxy.shadows.drop(route.name, "concurrency")
+            target = None
+        self.tracker = TurnTracker(route, experiment, self.backend, target)
+        if settings.user_field and user_id:
+            self.user_field, self.user_id = settings.user_field, user_id
+        if target is not None:
+            shadow_url = URL(self.proxy.backend_urls[target] + url.raw_path_qs, encoded=True)
+            self.shadow = _Shadow(self, target, shadow_url, [*headers, (SHADOW_HEADER, "1")])
 
     async def run(self) -> web.WebSocketResponse:
         proxy = self.proxy
@@ -141,6 +185,11 @@ class _Session:
             asyncio.create_task(self._client_to_upstream(), name="ws-client-to-upstream"),
             asyncio.create_task(self._upstream_to_client(), name="ws-upstream-to-client"),
         ]
+        helpers = []
+        if self.tracker is not None:
+            helpers.append(asyncio.create_task(self._watch_turns(), name="ws-turns"))
+        if self.shadow is not None:
+            helpers.append(self.proxy.shadows.adopt(self.route, self.shadow.run()))
         try:
             # Either side ending ends the session; the other leg is then closed.
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -150,6 +199,15 @@ class _Session:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if self.shadow is not None:
+                await self.shadow.stop()
+            for task in helpers:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if self.tracker is not None:
+                cancelled = self.outcome is Outcome.CLIENT_CLOSED
+                self.tracker.close(time.perf_counter(), cancelled=cancelled)
             if not self.upstream.closed:
                 await self.upstream.close(code=WSCloseCode.GOING_AWAY)
             if not self.client.closed:
@@ -165,12 +223,16 @@ class _Session:
         client, upstream = self.client, self.upstream
         while True:
             msg = await client.receive()
-            if msg.type is WSMsgType.TEXT:
+            if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
                 self._start_turn()
-                await upstream.send_str(msg.data)
-            elif msg.type is WSMsgType.BINARY:
-                self._start_turn()
-                await upstream.send_bytes(msg.data)
+                if self.tracker is not None:
+                    self.tracker.client_message(time.perf_counter())
+                if self.shadow is not None:
+                    self.shadow.forward(msg.data)
+                if msg.type is WSMsgType.TEXT:
+                    await upstream.send_str(msg.data)
+                else:
+                    await upstream.send_bytes(msg.data)
             elif msg.type is WSMsgType.PING:
                 await upstream.ping(msg.data)
             elif msg.type is WSMsgType.PONG:
@@ -204,12 +266,16 @@ class _Session:
         client, upstream = self.client, self.upstream
         while True:
             msg = await upstream.receive()
-            if msg.type is WSMsgType.TEXT:
+            if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
                 self._first_event()
-                await client.send_str(msg.data)
-            elif msg.type is WSMsgType.BINARY:
-                self._first_event()
-                await client.send_bytes(msg.data)
+                if self.tracker is not None:
+                    events = self.tracker.primary_frame(msg.data, time.perf_counter())
+                    if self.user_field is not None and self._withheld(events, self.backend):
+                        continue
+                if msg.type is WSMsgType.TEXT:
+                    await client.send_str(msg.data)
+                else:
+                    await client.send_bytes(msg.data)
             elif msg.type is WSMsgType.PING:
                 await client.ping(msg.data)
             elif msg.type is WSMsgType.PONG:
@@ -233,6 +299,25 @@ class _Session:
                 await client.close(code=code, message=b"backend connection lost")
                 return
 
+    def _withheld(self, events: list[Event], backend: Backend) -> bool:
+        """Whether a frame carries another user's id; counted per backend."""
+        assert self.user_field is not None and self.user_id is not None
+        bad = sum(1 for e in events if not belongs_to(e, self.user_field, self.user_id))
+        if bad:
+            self.proxy.metrics.isolation_violations.labels(self.route, backend.value).inc(bad)
+            log.warning(
+                "route %s: withheld an event of another user from %s", self.route, backend.value
+            )
+        return bad > 0
+
+    async def _watch_turns(self) -> None:
+        tracker = self.tracker
+        assert tracker is not None
+        step = max(0.01, min(0.5, tracker.idle / 4))
+        while True:
+            await asyncio.sleep(step)
+            tracker.tick(time.perf_counter())
+
     def _start_turn(self) -> None:
         if self.turn_started is None:
             self.turn_started = time.perf_counter()
@@ -241,6 +326,99 @@ class _Session:
         if self.turn_started is not None:
             self.first_event.observe(time.perf_counter() - self.turn_started)
             self.turn_started = None
+
+
+class _Shadow:
+    """The session's shadow connection: same client messages, frames never delivered.
+
+    Messages go through a bounded queue so that a shadow that reads slowly never makes
+    the primary wait; if the queue fills, the shadow is given up (counted), not the primary.
+    """
+
+    QUEUE = 256
+
+    def __init__(
+        self, session: _Session, backend: Backend, url: URL, headers: list[tuple[str, str]]
+    ) -> None:
+        self.session = session
+        self.backend = backend
+        self.url = url
+        self.headers = headers
+        self.queue: asyncio.Queue[str | bytes] = asyncio.Queue(self.QUEUE)
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.lost = False
+        self.outcome = Outcome.SUCCESS
+        self.started = time.perf_counter()
+
+    def forward(self, data: str | bytes) -> None:
+        if self.lost:
+            return
+        try:
+            self.queue.put_nowait(data)
+        except asyncio.QueueFull:
+            self.fail("backlog", "the shadow fell behind the client's messages")
+
+    def fail(self, reason: str, detail: str) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        session = self.session
+        session.proxy.shadows.drop(session.route, reason)
+        if session.tracker is not None:
+            session.tracker.shadow_lost(detail, time.perf_counter())
+
+    async def run(self) -> None:
+        proxy = self.session.proxy
+        settings = proxy.settings.server
+        try:
+            self.ws = await proxy.shadow_session.ws_connect(
+                self.url,
+                headers=self.headers,
+                max_msg_size=settings.max_ws_message_bytes,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0),
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.outcome = Outcome.UNREACHABLE
+            self.fail("unreachable", f"shadow connection failed: {type(exc).__name__}")
+            return
+        reader = asyncio.create_task(self._read(self.ws))
+        try:
+            while not self.lost:
+                data = await self.queue.get()
+                if isinstance(data, str):
+                    await self.ws.send_str(data)
+                else:
+                    await self.ws.send_bytes(data)
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            self.outcome = Outcome.BROKEN
+            self.fail("error", f"shadow connection failed: {type(exc).__name__}")
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        session = self.session
+        tracker = session.tracker
+        assert tracker is not None
+        while True:
+            msg = await ws.receive()
+            if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
+                events = tracker.shadow_frame(msg.data, time.perf_counter())
+                if session.user_field is not None:
+                    session._withheld(events, self.backend)  # counted; never delivered anyway
+                continue
+            if not session.closing:
+                self.outcome = Outcome.BROKEN
+                self.fail("error", "the shadow backend closed the connection")
+            return
+
+    async def stop(self) -> None:
+        self.lost = True
+        metrics = self.session.proxy.metrics
+        if self.ws is not None and not self.ws.closed:
+            await self.ws.close(code=WSCloseCode.GOING_AWAY)
+        metrics.count_request(self.session.route, self.backend.value, "shadow", self.outcome.value)
 
 
 async def close_all(proxy: Proxy, code: int = WSCloseCode.GOING_AWAY) -> None:

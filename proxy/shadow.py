@@ -1,0 +1,121 @@
+"""Shadow runs: the other backend on the same exchange, never in the primary's way (I/O).
+
+The ``ShadowRunner`` owns every shadow task (strong references, so none is lost to the
+garbage collector), a bound on how many run at once, a deadline for each, and an upstream
+pool of its own, so a slow or hanging shadow backend can neither hold the primary's
+connections nor delay it. At shutdown the shadows in flight get ``drain_seconds`` and are
+then cancelled. Whatever is not run or not finished is counted by reason in
+``strangler_shadow_dropped_total``. Which exchanges are shadowed, and against which
+backend, is decided by the pure functions at the top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+from proxy.metrics import Metrics
+from proxy.routing import Backend
+from proxy.settings import RouteSettings, ShadowSettings
+from proxy.upstream import UpstreamPool
+
+log = logging.getLogger("strangler.shadow")
+
+
+def shadow_backend(route: RouteSettings, serving: Backend) -> Backend:
+    """The backend run in the shadow: the other one, or legacy again for an A/A baseline."""
+    if route.shadow_target == "legacy":
+        return Backend.LEGACY
+    return Backend.CANDIDATE if serving is Backend.LEGACY else Backend.LEGACY
+
+
+def shadow_refusal(
+    route: RouteSettings, method: str, body_size: int, body_cap: int, draw: float
+) -> str | None:
+    """Why this exchange gets no shadow, or None to shadow it.
+
+    ``draw`` is a uniform random number in [0, 1) for the route's sample rate; an
+    exchange sampled out is not a dropped shadow and returns ``"sampled_out"``.
+    """
+    if route.shadow <= 0 or draw >= route.shadow:
+        return "sampled_out"
+    if method.upper() not in route.shadow_methods:
+        return "method"
+    if body_size > body_cap:
+        return "body_too_large"
+    return None
+
+
+class ShadowRunner:
+    def __init__(
+        self,
+        settings: ShadowSettings,
+        metrics: Metrics,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.pool = UpstreamPool(
+            max_connections=settings.connections,
+            connect_timeout=connect_timeout,
+            read_timeout=min(read_timeout, settings.timeout),
+        )
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closing = False
+
+    @property
+    def timeout(self) -> float:
+        return self.settings.timeout
+
+    def drop(self, route: str, reason: str) -> None:
+        self.metrics.shadow_dropped.labels(route, reason).inc()
+
+    def has_room(self) -> bool:
+        return not self.closing and len(self.tasks) < self.settings.max_concurrent
+
+    def adopt(self, route: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Own a shadow that the caller also ends itself (a WebSocket session's shadow)."""
+        task = asyncio.create_task(self._guarded(route, work), name=f"shadow-{route}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def spawn(self, route: str, work: Coroutine[Any, Any, None]) -> bool:
+        """Run ``work`` as a shadow task, or drop it (counted) when there is no room."""
+        if self.closing or len(self.tasks) >= self.settings.max_concurrent:
+            work.close()
+            self.drop(route, "shutdown" if self.closing else "concurrency")
+            return False
+        task = asyncio.create_task(self._guarded(route, work), name=f"shadow-{route}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return True
+
+    async def _guarded(self, route: str, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            self.drop(route, "shutdown")
+            raise
+        except Exception:  # a shadow's failure is data, never the primary's problem
+            log.exception("shadow on route %s failed", route)
+            self.drop(route, "error")
+
+    async def close(self) -> None:
+        """Let shadows in flight finish within ``drain_seconds``, cancel the rest."""
+        self.closing = True
+        if self.tasks:
+            _done, pending = await asyncio.wait(
+                set(self.tasks), timeout=self.settings.drain_seconds
+            )
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.pool.close()
