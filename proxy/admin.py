@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.context import PROXY_KEY, Proxy
+from proxy.divergence_store import add_divergence_routes
 
 
 def build_admin_app(proxy: Proxy) -> web.Application:
@@ -19,6 +20,8 @@ def build_admin_app(proxy: Proxy) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    if proxy.store is not None:
+        add_divergence_routes(app, proxy.store)
     return app
 
 

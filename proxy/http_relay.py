@@ -246,6 +246,9 @@ class _Exchange:
         response_headers = CIMultiDict(downstream_response_headers(upstream.headers, backend.value))
         protocol = self.route.protocol if self.route is not None else "json"
         framed = self.user_field is not None and protocol in ("ndjson", "sse")
+        if framed:
+            # Withheld events shorten the body: its length is only known at the end.
+            response_headers.popall("Content-Length", None)
         async with upstream:
             if upstream.complete or (self.user_field is not None and protocol == "json"):
                 # The whole body came with the head (or must be seen whole before it may
@@ -257,8 +260,12 @@ class _Exchange:
                 payload = b"".join(parts)
                 now = time.perf_counter()
                 metrics.observe_first_event(label, backend.value, "primary", now - self.started)
-                if recorder is not None:
-                    events = recorder.feed(payload, now)
+                if framed:
+                    whole = NdjsonFramer() if protocol == "ndjson" else SseFramer()
+                    frames = whole.feed(payload) + whole.close()
+                    payload = b"".join(self._kept(frames, now))
+                elif recorder is not None:
+                    events = recorder.feed_last(payload, now)
                     if self.user_field is not None and self._withheld(events):
                         response = error_response(
                             502,
@@ -313,15 +320,22 @@ class _Exchange:
             await stream.write_eof()
         return stream, outcome
 
-    async def _relay_frames(
-        self, stream: web.StreamResponse, frames: list[bytes], now: float
-    ) -> None:
+    def _kept(self, frames: list[bytes], now: float) -> list[bytes]:
+        """The frames that may reach the client: each is recorded, another user's withheld."""
         recorder = self.recorder
         assert recorder is not None
+        kept = []
         for frame in frames:
             events = recorder.feed(frame, now)
             if events and self._withheld(events):
                 continue
+            kept.append(frame)
+        return kept
+
+    async def _relay_frames(
+        self, stream: web.StreamResponse, frames: list[bytes], now: float
+    ) -> None:
+        for frame in self._kept(frames, now):
             await stream.write(frame)
 
 

@@ -64,6 +64,7 @@ class Recorder:
         self._decoder: Decoder | None = (
             None if protocol == "json" else decoder_for(protocol, event_type_field)
         )
+        self._closed = False
 
     def begin(self, status: int) -> None:
         """The response head arrived: JSON bodies need the status to decode."""
@@ -82,12 +83,20 @@ class Recorder:
         obs.events.extend(events)
         return events
 
-    def add(self, events: list[Event]) -> None:
-        self.observation.events.extend(events)
+    def feed_last(self, data: bytes, now: float) -> list[Event]:
+        """The whole rest of the body at once: decode it to the end (a JSON body's events
+        are only known once it is complete)."""
+        events = self.feed(data, now)
+        assert self._decoder is not None
+        tail = self._decoder.close()
+        self._closed = True
+        self.observation.events.extend(tail)
+        return events + tail
 
     def finish(self, now: float) -> Observation:
         obs = self.observation
-        if self._decoder is not None:
+        if self._decoder is not None and not self._closed:
+            self._closed = True
             obs.events.extend(self._decoder.close())
         if obs.duration is None:
             obs.duration = now - obs.started

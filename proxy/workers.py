@@ -27,6 +27,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
+from proxy.divergence_store import DivergenceStore, add_divergence_routes
 from proxy.settings import Settings
 
 log = logging.getLogger("strangler.workers")
@@ -56,6 +57,13 @@ class Supervisor:
         self._reservation: socket.socket | None = None
         self._admin: web.AppRunner | None = None
         self._watchers: list[asyncio.Task[None]] = []
+        # The workers write divergences to the shared SQLite file; the supervisor reads it.
+        divergences = settings.divergences
+        self.store = (
+            DivergenceStore(divergences.path, max_rows=divergences.max_rows)
+            if any(route.shadow > 0 for route in settings.routes)
+            else None
+        )
 
     @property
     def ready(self) -> bool:
@@ -92,6 +100,9 @@ class Supervisor:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        if self.store is not None:
+            await self.store.start()
+            add_divergence_routes(app, self.store)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         admin = self.settings.admin
@@ -166,6 +177,8 @@ class Supervisor:
                 await task
         if self._admin is not None:
             await self._admin.cleanup()
+        if self.store is not None:
+            await self.store.close()
         if self._reservation is not None:
             self._reservation.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
