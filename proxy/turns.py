@@ -4,13 +4,14 @@ A turn starts with a client message and ends, on each side separately, at an eve
 listed in the route's ``turn_end``, at the point where the route's contract is complete
 and nothing can follow (``agent_completed`` in the demo grammar), or after
 ``turn_idle_seconds`` without an event. When there is a way to see the end and a side
-only goes quiet, that side timed out. A new client message ends the open turn. Once both
-sides have ended, the route's experiment compares them; without a shadow, the primary's
-sequence is still checked against the contract.
+only goes quiet, that side timed out. Once both sides have ended, the route's experiment
+compares them, turn by turn in order; without a shadow, the primary's sequence is still
+checked against the contract.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from adapters.events import Event
@@ -37,7 +38,19 @@ class _Turn:
     shadow: _Side | None
 
 
+MAX_OPEN_TURNS = 64
+
+
 class TurnTracker:
+    """Turns in order; each side's frames belong to the oldest turn that side has not ended.
+
+    A client may send its next message before a side has finished the previous turn (the
+    shadow often lags, starting later and running on another backend): the side then
+    finishes the old turn first and its later frames go to the next one. Only when the
+    end of a turn cannot be seen (no ``turn_end`` and no contract) does a new message end
+    the turns still open.
+    """
+
     def __init__(
         self,
         route: Route,
@@ -49,12 +62,13 @@ class TurnTracker:
         self.experiment = experiment
         self.primary_backend = primary
         self.shadow_backend = shadow
-        self.protocol = route.protocol
         self.type_field = route.settings.event_type_field
         self.turn_end = frozenset(route.settings.turn_end)
         self.idle = route.settings.turn_idle_seconds
         self.can_see_end = bool(self.turn_end) or experiment.contract is not None
-        self.turn: _Turn | None = None
+        self.open: list[_Turn] = []
+        self.settled = asyncio.Event()  # set while no turn is open
+        self.settled.set()
         self.turns = 0
         self._decoder = Recorder(Observation(primary, "primary", 0.0), "websocket", self.type_field)
 
@@ -63,89 +77,99 @@ class TurnTracker:
         return _Side(recorder, now)
 
     def client_message(self, now: float) -> None:
-        if self.turn is not None:
-            self._end_turn(now)
+        if not self.can_see_end:
+            for turn in list(self.open):
+                for side in (turn.primary, turn.shadow):
+                    if side is not None and not side.ended:
+                        self._end_side(turn, side, now)
+        elif len(self.open) >= MAX_OPEN_TURNS:
+            oldest = self.open[0]
+            for side in (oldest.primary, oldest.shadow):
+                if side is not None and not side.ended:
+                    side.observation.timed_out = True
+                    self._end_side(oldest, side, now)
         self.turns += 1
         shadow = (
             self._side(self.shadow_backend, "shadow", now)
             if self.shadow_backend is not None
             else None
         )
-        self.turn = _Turn(self.turns, self._side(self.primary_backend, "primary", now), shadow)
+        self.open.append(
+            _Turn(self.turns, self._side(self.primary_backend, "primary", now), shadow)
+        )
 
     def shadow_lost(self, reason: str, now: float) -> None:
-        """The shadow connection failed: this turn's shadow ends in error, later turns have none."""
+        """The shadow connection failed: its open turns end in error, later turns have none."""
         self.shadow_backend = None
-        turn = self.turn
-        if turn is not None and turn.shadow is not None and not turn.shadow.ended:
-            turn.shadow.observation.error = reason
-            self._end_side(turn, turn.shadow, now)
+        for turn in list(self.open):
+            if turn.shadow is not None and not turn.shadow.ended:
+                turn.shadow.observation.error = reason
+                self._end_side(turn, turn.shadow, now)
+
+    def _current(self, shadow: bool) -> tuple[_Turn, _Side] | None:
+        for turn in self.open:
+            side = turn.shadow if shadow else turn.primary
+            if side is not None and not side.ended:
+                return turn, side
+        return None
 
     def primary_frame(self, data: str | bytes, now: float) -> list[Event]:
         """Decode a frame from the serving backend (isolation needs it even between turns)."""
-        turn = self.turn
-        if turn is None or turn.primary.ended:
-            return self._decoder.feed(data, now)
-        events = turn.primary.recorder.feed(data, now)
-        self._after_events(turn, turn.primary, events, now)
-        return events
+        return self._frame(data, now, shadow=False)
 
     def shadow_frame(self, data: str | bytes, now: float) -> list[Event]:
-        turn = self.turn
-        if turn is None or turn.shadow is None or turn.shadow.ended:
+        return self._frame(data, now, shadow=True)
+
+    def _frame(self, data: str | bytes, now: float, *, shadow: bool) -> list[Event]:
+        current = self._current(shadow)
+        if current is None:
             return self._decoder.feed(data, now)
-        events = turn.shadow.recorder.feed(data, now)
-        self._after_events(turn, turn.shadow, events, now)
+        turn, side = current
+        events = side.recorder.feed(data, now)
+        side.last_activity = now
+        if events and (
+            any(e.type in self.turn_end for e in events)
+            or (
+                self.experiment.contract is not None
+                and self.experiment.contract.finished([e.type for e in side.observation.events])
+            )
+        ):
+            self._end_side(turn, side, now)
         return events
 
     def tick(self, now: float) -> None:
-        """End the sides of the open turn that have been quiet for ``turn_idle_seconds``."""
-        turn = self.turn
-        if turn is None:
-            return
-        for side in (turn.primary, turn.shadow):
-            if side is not None and not side.ended and now - side.last_activity >= self.idle:
+        """End a side that has been quiet for ``turn_idle_seconds`` in its current turn."""
+        for shadow in (False, True):
+            current = self._current(shadow)
+            if current is None:
+                continue
+            turn, side = current
+            if now - side.last_activity >= self.idle:
                 # Quiet although the end could have been seen: it did not finish.
                 side.observation.timed_out = self.can_see_end
                 self._end_side(turn, side, now)
 
     def close(self, now: float, *, cancelled: bool) -> None:
-        """The session ended: conclude the open turn (ignored if the client left mid-turn)."""
-        turn = self.turn
-        if turn is None:
-            return
-        if cancelled:
-            turn.primary.observation.cancelled = True
-        self._end_turn(now)
-
-    def _after_events(self, turn: _Turn, side: _Side, events: list[Event], now: float) -> None:
-        side.last_activity = now
-        if not events:
-            return
-        observed = side.observation.events
-        if any(e.type in self.turn_end for e in events) or (
-            self.experiment.contract is not None
-            and self.experiment.contract.finished([e.type for e in observed])
-        ):
-            self._end_side(turn, side, now)
+        """The session ended: conclude the open turns (ignored if the client left mid-turn)."""
+        for turn in list(self.open):
+            if cancelled and not turn.primary.ended:
+                turn.primary.observation.cancelled = True
+            for side in (turn.primary, turn.shadow):
+                if side is not None and not side.ended:
+                    side.observation.timed_out = self.can_see_end and not cancelled
+                    self._end_side(turn, side, now)
 
     def _end_side(self, turn: _Turn, side: _Side, now: float) -> None:
         side.ended = True
         side.recorder.finish(now)
-        if turn.primary.ended and (turn.shadow is None or turn.shadow.ended):
-            self._conclude(turn)
-
-    def _end_turn(self, now: float) -> None:
-        turn = self.turn
-        assert turn is not None
-        for side in (turn.primary, turn.shadow):
-            if side is not None and not side.ended:
-                side.ended = True
-                side.recorder.finish(now)
-        self._conclude(turn)
-
-    def _conclude(self, turn: _Turn) -> None:
-        if self.turn is turn:
-            self.turn = None
-        shadow = turn.shadow.observation if turn.shadow is not None else None
-        self.experiment.conclude(turn.primary.observation, shadow, turn=turn.number)
+        # Conclude in order: a turn is compared once both its sides ended and every
+        # earlier turn has been.
+        while self.open:
+            head = self.open[0]
+            if not head.primary.ended or (head.shadow is not None and not head.shadow.ended):
+                break
+            self.open.pop(0)
+            shadow = head.shadow.observation if head.shadow is not None else None
+            self.experiment.conclude(head.primary.observation, shadow, turn=head.number)
+        if not self.open:
+            self.settled.set()

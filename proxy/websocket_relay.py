@@ -200,6 +200,11 @@ class _Session:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             if self.shadow is not None:
+                if self.tracker is not None and self.outcome is not Outcome.CLIENT_CLOSED:
+                    # The shadow usually lags: let it finish the turns it still owes.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.tracker.idle):
+                            await self.tracker.settled.wait()
                 await self.shadow.stop()
             for task in helpers:
                 task.cancel()

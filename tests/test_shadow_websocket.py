@@ -1,0 +1,212 @@
+"""WebSocket shadows: same client messages, frames never delivered, turns compared."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from prometheus_client import CollectorRegistry
+
+from proxy.app import ProxyServer
+from proxy.settings import Settings
+from tests.proxy_harness import flags_document, write_flags
+from tests.shadow_harness import TOOL_PROMPT, ServerFactory, shadow_stack
+
+TAGGED_CONTRACT = "agent_started agent_thinking agent_completed"
+
+
+def tagged_backend(name: str) -> web.Application:
+    """Each client message gets three frames naming this backend and the session's user."""
+
+    async def handle(request: web.Request) -> web.WebSocketResponse:
+        user = request.headers.get("X-User-Id", "")
+        shadow = request.headers.get("X-Strangler-Shadow") == "1"
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is not WSMsgType.TEXT:
+                continue
+            for n, kind in enumerate(("agent_started", "agent_thinking", "agent_completed")):
+                frame = {"type": kind, "backend": name, "user_id": user, "n": n, "shadow": shadow}
+                await ws.send_str(json.dumps(frame))
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws/agent", handle)
+    return app
+
+
+async def test_200_sessions_receive_only_their_primarys_frames_while_every_turn_is_compared(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    legacy = await aiohttp_server(tagged_backend("legacy"))
+    candidate = await aiohttp_server(tagged_backend("candidate"))
+    flags = write_flags(tmp_path / "flags.json", flags_document(rollout=50))
+    settings = Settings.model_validate(
+        {
+            "server": {"host": "127.0.0.1", "port": 0},
+            "admin": {"host": "127.0.0.1", "port": 0},
+            "backends": {
+                "legacy": f"http://127.0.0.1:{legacy.port}",
+                "candidate": f"http://127.0.0.1:{candidate.port}",
+            },
+            "flags": {"provider": "file", "file": flags},
+            "divergences": {"path": tmp_path / "divergences.sqlite3"},
+            "routes": [
+                {
+                    "name": "agent",
+                    "path": "/ws/agent",
+                    "protocol": "websocket",
+                    "flag": "ssot-dispatcher",
+                    "shadow": 1.0,
+                    "contract": TAGGED_CONTRACT,
+                    "user_field": "user_id",
+                    "compare": {"ignore": ["backend", "shadow"]},
+                }
+            ],
+        }
+    )
+    server = ProxyServer(settings, registry=CollectorRegistry())
+    await server.start()
+    received: dict[str, list[dict[str, object]]] = {}
+    served: dict[str, str] = {}
+    try:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as client:
+
+            async def session(i: int) -> None:
+                user = f"user-{i:03d}"
+                async with client.ws_connect(
+                    server.proxy_url + "/ws/agent", headers={"X-User-Id": user}
+                ) as ws:
+                    served[user] = ws._response.headers["X-Strangler-Backend"]
+                    frames = received.setdefault(user, [])
+                    for turn in range(2):
+                        await ws.send_str(f"turn {turn}")
+                        for _ in range(3):
+                            frames.append(json.loads(await ws.receive_str(timeout=10)))
+
+            await asyncio.gather(*(session(i) for i in range(200)))
+        assert server.proxy is not None
+        while server.proxy.shadows.tasks:
+            await asyncio.gather(*list(server.proxy.shadows.tasks), return_exceptions=True)
+    finally:
+        await server.stop()
+
+    assert set(served.values()) == {"legacy", "candidate"}
+    for user, frames in received.items():
+        assert len(frames) == 6
+        assert all(f["backend"] == served[user] for f in frames), user
+        assert all(f["user_id"] == user and f["shadow"] is False for f in frames), user
+    registry = server.metrics.registry
+    matches = registry.get_sample_value(
+        "strangler_comparisons_total", {"route": "agent", "outcome": "match"}
+    )
+    assert matches == 400  # two turns in each of 200 sessions, each compared
+    assert not registry.get_sample_value(
+        "strangler_comparisons_total", {"route": "agent", "outcome": "mismatch"}
+    )
+
+
+async def test_websocket_turns_report_a_dropped_event_as_missing(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    async with shadow_stack(aiohttp_server, tmp_path, rollout=0) as stack:
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(
+                stack.url + "/ws/agent", headers={"X-User-Id": "user-1"}
+            ) as ws:
+                for turn in range(3):
+                    if turn == 2:
+                        stack.knobs("candidate").drop = {"tool_completed"}
+                    await ws.send_json({"prompt": TOOL_PROMPT})
+                    while json.loads(await ws.receive_str(timeout=10))["type"] != "agent_completed":
+                        pass
+        await stack.settle()
+        assert stack.sample("strangler_comparisons_total", route="agent", outcome="match") == 2
+        assert stack.sample("strangler_comparisons_total", route="agent", outcome="mismatch") == 1
+        assert stack.sample("strangler_divergences_total", route="agent", kind="missing") >= 1
+        assert (
+            stack.sample("strangler_contract_violations_total", route="agent", backend="candidate")
+            == 1
+        )
+        assert stack.stats("candidate").shadow_turns == 3
+        assert stack.stats("candidate").side_effects == 0
+
+
+async def test_another_users_event_never_reaches_a_websocket_client(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    async with shadow_stack(aiohttp_server, tmp_path, rollout=100) as stack:
+        stack.knobs("candidate").leak_user = "someone-else"
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(
+                stack.url + "/ws/agent", headers={"X-User-Id": "user-1"}
+            ) as ws:
+                await ws.send_json({"prompt": TOOL_PROMPT})
+                frames = []
+                while not frames or frames[-1]["type"] != "agent_completed":
+                    frames.append(json.loads(await ws.receive_str(timeout=10)))
+        await stack.settle()
+        assert all(frame["user_id"] == "user-1" for frame in frames)
+        assert "agent_thinking" not in [frame["type"] for frame in frames]
+        assert (
+            stack.sample("strangler_isolation_violations_total", route="agent", backend="candidate")
+            >= 1
+        )
+
+
+async def test_a_shadow_connection_that_fails_is_counted_and_leaves_the_session_alone(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    legacy = await aiohttp_server(tagged_backend("legacy"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    flags = write_flags(tmp_path / "flags.json", flags_document(rollout=0))
+    settings = Settings.model_validate(
+        {
+            "server": {"host": "127.0.0.1", "port": 0},
+            "admin": {"host": "127.0.0.1", "port": 0},
+            "backends": {"legacy": f"http://127.0.0.1:{legacy.port}", "candidate": dead},
+            "flags": {"provider": "file", "file": flags},
+            "divergences": {"path": tmp_path / "divergences.sqlite3"},
+            "routes": [
+                {
+                    "name": "agent",
+                    "path": "/ws/agent",
+                    "protocol": "websocket",
+                    "flag": "ssot-dispatcher",
+                    "shadow": 1.0,
+                    "contract": TAGGED_CONTRACT,
+                }
+            ],
+        }
+    )
+    server = ProxyServer(settings, registry=CollectorRegistry())
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(
+                server.proxy_url + "/ws/agent", headers={"X-User-Id": "u"}
+            ) as ws:
+                for turn in range(3):
+                    await ws.send_str(f"turn {turn}")
+                    frames = [json.loads(await ws.receive_str(timeout=10)) for _ in range(3)]
+                    assert [f["backend"] for f in frames] == ["legacy"] * 3
+    finally:
+        await server.stop()
+    registry = server.metrics.registry
+    assert (
+        registry.get_sample_value(
+            "strangler_shadow_dropped_total", {"route": "agent", "reason": "unreachable"}
+        )
+        == 1
+    )
+    assert not registry.get_sample_value(
+        "strangler_contract_violations_total", {"route": "agent", "backend": "legacy"}
+    )
