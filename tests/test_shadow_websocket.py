@@ -210,3 +210,26 @@ async def test_a_shadow_connection_that_fails_is_counted_and_leaves_the_session_
     assert not registry.get_sample_value(
         "strangler_contract_violations_total", {"route": "agent", "backend": "legacy"}
     )
+
+
+async def test_a_websocket_aa_baseline_over_many_turns_finds_no_mismatch(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    overrides = {"shadow_target": "legacy"}
+    async with shadow_stack(aiohttp_server, tmp_path, route_overrides=overrides) as stack:
+        async with aiohttp.ClientSession() as client:
+            for session in range(3):
+                async with client.ws_connect(
+                    stack.url + "/ws/agent", headers={"X-User-Id": f"user-{session}"}
+                ) as ws:
+                    for turn in range(4):
+                        await ws.send_json({"prompt": f"question {session}-{turn}"})
+                        while (
+                            json.loads(await ws.receive_str(timeout=10))["type"]
+                            != "agent_completed"
+                        ):
+                            pass
+        await stack.settle()
+        assert stack.stats("legacy").shadow_turns == 12
+        assert stack.sample("strangler_comparisons_total", route="agent", outcome="match") == 12
+        assert stack.sample("strangler_comparisons_total", route="agent", outcome="mismatch") == 0
