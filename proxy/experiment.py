@@ -46,6 +46,11 @@ class RouteExperiment:
         )
         contract = route.settings.contract
         self.contract = Contract.parse(contract) if contract else None
+        # Whether exchanges on this route need recording at all: a route that neither
+        # shadows nor checks anything is relayed without decoding a byte.
+        self.watches = bool(
+            route.settings.shadow > 0 or self.contract is not None or route.settings.user_field
+        )
 
     def check_contract(self, observation: Observation) -> bool:
         """Check one sequence against the contract; count a violation per backend."""

@@ -28,6 +28,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from adapters.events import Event
 from adapters.framing import NdjsonFramer, SseFramer
 from adapters.isolation import belongs_to
 from proxy.context import Proxy
@@ -131,7 +132,7 @@ class _Exchange:
                 proto=self.request.scheme,
                 host=self.request.host,
             )
-            if self.experiment is not None:
+            if self.experiment is not None and self.experiment.watches:
                 self._start_observing(headers, body)
             response, outcome = await self._primary(headers, body)
             return response
@@ -198,10 +199,10 @@ class _Exchange:
         else:
             experiment.conclude(observation, None)
 
-    def _withheld(self, events: Sequence[object]) -> bool:
+    def _withheld(self, events: Sequence[Event]) -> bool:
         """Whether these events carry another user's id (counted once per event)."""
         assert self.user_field is not None and self.user_id is not None
-        bad = [e for e in events if not belongs_to(e, self.user_field, self.user_id)]  # type: ignore[arg-type]
+        bad = [e for e in events if not belongs_to(e, self.user_field, self.user_id)]
         if bad:
             self.proxy.metrics.isolation_violations.labels(self.label, self.backend.value).inc(
                 len(bad)

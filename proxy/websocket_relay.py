@@ -120,7 +120,7 @@ async def relay_websocket(
 
     session = _Session(proxy, route, backend, client, upstream)
     experiment = proxy.experiments.get(route) if route_obj is not None else None
-    if route_obj is not None and experiment is not None:
+    if route_obj is not None and experiment is not None and experiment.watches:
         session.observe(route_obj, experiment, user_id, url, headers)
     return await session.run()
 
