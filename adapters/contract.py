@@ -139,6 +139,21 @@ class Contract:
             detail = f"the sequence is empty, but the contract expects {_choice(expected)} first"
         return ContractResult(False, len(types), expected, detail)
 
+    @property
+    def terminal_types(self) -> frozenset[str]:
+        """Event types that end every sentence they appear in (``agent_completed`` in the
+        demo grammar): after one, the contract accepts and expects nothing more. A turn
+        that breaks the contract still ends at one of them."""
+        automaton = self._automaton
+        verdict: dict[str, bool] = {}
+        for state, label in enumerate(automaton.label):
+            if label is None:
+                continue
+            after = automaton.closure([automaton.target[state]])
+            ends = self._accept in after and not self._expected(after)
+            verdict[label] = verdict.get(label, True) and ends
+        return frozenset(name for name, ends in verdict.items() if ends)
+
     def finished(self, types: Sequence[str]) -> bool:
         """True when the sequence is a complete sentence that no further event can extend.
 

@@ -119,10 +119,12 @@ NO_DEFECT: Mapping[str, object] = {"drop": [], "leak_user": None}
 
 # The demo dispatchers' turns for one prompt differ in length by up to about 1.1 s at
 # time scale 1: the candidate thinks faster and each side draws its own tool latencies.
-# A WebSocket user waits that long after an answer before the next message or closing,
-# so that the shadow's turn has ended too: the proxy ends a turn's shadow side at the
-# next client message or at the session's end, and compares what it has by then.
+# A WebSocket user waits that long after its last answer before closing the session, so
+# that the lagging shadow's last turn has ended too: the proxy means to wait for it, but
+# does not yet (TurnTracker.settled is never cleared) and compares a cut-short turn.
 _SLOWEST_SHADOW_LAG = 1.2
+# Plus room for the event loop, which runs users, proxy and both dispatchers alike.
+_SCHEDULING_ROOM = 0.2
 
 
 def _planned_events(prompt: str) -> int:
@@ -258,10 +260,6 @@ def _listing(counts: Mapping[str, int], order: tuple[str, ...] = ()) -> str:
     return ", ".join(f"{key} {n}" for key, n in found) or "-"
 
 
-def _per_backend(counts: Mapping[str, int]) -> str:
-    return "  ".join(f"{backend} {counts.get(backend, 0):>5}" for backend in BACKENDS)
-
-
 class Demo:
     def __init__(self, proxy: Proxy, proxy_url: str, admin_url: str, users: int) -> None:
         self.proxy = proxy
@@ -275,8 +273,9 @@ class Demo:
         self.stop = asyncio.Event()
         self.routed = 0  # users the flag sends to the candidate at this step
         self.answer_gap = 0.0  # see _SLOWEST_SHADOW_LAG
-        # The comparisons: readings at each step's start, and each step's difference.
-        self.step_start = Counts()
+        # The comparisons: readings where the current step began and the last one ended,
+        # and each step's difference.
+        self.step_start = self.step_end = Counts()
         self.step_counts: list[Counts | None] = [None for _ in STEPS]
         # The defect: the users' phase (by the knobs at the start of each exchange), the
         # readings that bound it, and the failures users saw in each phase.
@@ -284,8 +283,9 @@ class Demo:
         self.defect: Defect | None = None
         self.defect_since = 0.0
         self.defect_on: Counts | None = None  # reading when the first defect was set
-        self.defect_off: Counts | None = None  # reading once what it touched was compared
-        self.settling: asyncio.Task[None] | None = None
+        # Reading at the defect step's end, once what the defect touched was compared.
+        self.defect_off: Counts | None = None
+        self.cleared = False
         self.client_errors = {"before": 0, "during": 0, "after": 0}
         self.final = Counts()
         self.last_divergence = ""
@@ -325,9 +325,9 @@ class Demo:
         tally: Tally | None = None,
         phase: str | None = None,
     ) -> None:
-        (tally or self.tally).record(protocol, backend, received, ok)
+        (self.tally if tally is None else tally).record(protocol, backend, received, ok)
         if not ok:
-            self.client_errors[phase or self.phase] += 1
+            self.client_errors[self.phase if phase is None else phase] += 1
 
     async def http_turn(
         self, session: aiohttp.ClientSession, user: str, protocol: str, rng: random.Random
@@ -373,12 +373,12 @@ class Demo:
             try:
                 for _ in range(rng.randint(2, 5)):
                     if self.stop.is_set():
-                        return
+                        break
                     if not await self.websocket_turn(ws, user, backend, rng):
                         return  # the session broke: reconnect
                     await self.think(rng)
-                    # Not cut short by the stop: this wait ends the shadow's turn too.
-                    await asyncio.sleep(self.answer_gap)
+                # Not cut short by the stop: see _SLOWEST_SHADOW_LAG.
+                await asyncio.sleep(self.answer_gap)
             finally:
                 self.ws_sessions[backend] -= 1
 
@@ -412,33 +412,29 @@ class Demo:
             self.defect, self.defect_since = defect, time.monotonic()
         elif self.defect is not None:
             self.phase = "after"
-            self.defect, self.defect_since = None, time.monotonic()
-            self.settling = asyncio.create_task(self._defect_compared())
-
-    async def _defect_compared(self) -> None:
-        # The exchanges the defect touched are compared once their shadows end.
-        await _settle(self.proxy)
-        self.defect_off = Counts.read(self.metrics)
+            self.defect, self.cleared = None, True
 
     def defect_line(self) -> str:
         if self.defect is not None:
             since = time.monotonic() - self.defect_since
             return f">>> DEFECT ACTIVE ({since:4.1f} s): {self.defect.label}"
-        if self.defect_off is not None:
-            return "defect cleared: the candidate behaves again, the counts stop growing"
-        if self.defect_on is not None:
-            return "defect cleared: comparing the exchanges it touched"
+        if self.cleared:
+            return "defect cleared: the candidate behaves again, the mismatch counts stop growing"
         step = STEPS[DEFECT_STEP]
         return f"no defect yet (one is injected into the candidate during the {step} % step)"
 
     # --- comparisons ----------------------------------------------------------------------
 
     def begin_step(self, index: int) -> None:
+        # Each step starts where the last one ended, so that the steps add up to the total.
         self.step_index = index
-        self.step_start = Counts.read(self.metrics)
+        self.step_start = self.step_end
 
     def end_step(self, index: int) -> None:
-        self.step_counts[index] = Counts.read(self.metrics) - self.step_start
+        reading = self.step_end = Counts.read(self.metrics)
+        self.step_counts[index] = reading - self.step_start
+        if index == DEFECT_STEP:
+            self.defect_off = reading
 
     async def refresh_last_divergence(self, store: DivergenceStore | None) -> None:
         """Read the newest divergence record, at most once a second."""
@@ -458,9 +454,11 @@ class Demo:
         elapsed = min(step_seconds, time.monotonic() - step_started)
         lines = [
             f"strangler demo  -  proxy {self.proxy_url}   admin {self.admin_url}",
+            f"metrics {self.admin_url}/metrics   divergences {self.admin_url}/api/divergences",
             "",
             f"rollout of flag {FLAG!r}: {rollout:>3} %   "
             f"(step {self.step_index + 1}/{len(STEPS)}, {elapsed:4.1f}/{step_seconds:.0f} s)",
+            self.defect_line(),
             f"users the flag sends to candidate: {self.routed}/{len(self.user_ids)}   "
             f"users served by candidate: {on_candidate}/{seen}",
             f"share of turns on candidate: {tally.share():5.1f} %   "
@@ -480,18 +478,18 @@ class Demo:
                 f"{self.ws_sessions[backend]:>7} {p50:>16}  {bar}"
             )
         lines.append(
-            "  (short: turns a user got with fewer events than planned; "
-            f"another user's events that reached a user: {tally.foreign})"
+            "  short: turns that reached the user with fewer events than planned;"
+            f" another user's events that reached a user: {tally.foreign}"
+        )
+        lines.append(
+            "  turns by protocol, legacy/candidate:  "
+            + "   ".join(
+                f"{protocol} {counts['legacy']}/{counts['candidate']}"
+                for protocol, counts in tally.by_protocol.items()
+            )
         )
         lines.append("")
-        for protocol in PROTOCOLS:
-            counts = tally.by_protocol[protocol]
-            legacy, candidate = counts["legacy"], counts["candidate"]
-            lines.append(f"  {protocol:<10} legacy {legacy:>5}   candidate {candidate:>5}")
-        lines.append("")
         lines.extend(self.render_comparisons())
-        lines.append("")
-        lines.append(self.defect_line())
         return "\n".join(lines)
 
     def render_comparisons(self) -> list[str]:
@@ -499,20 +497,25 @@ class Demo:
         step = total - self.step_start
         lines = [
             "comparisons: every exchange and WebSocket turn also runs on the other backend",
-            f"  {'':<22} {'this step':>10} {'total':>8}",
+            f"{'':<36}{'this step':>10}{'total':>10}",
         ]
-        for outcome in OUTCOMES:
-            lines.append(
-                f"  {outcome:<22} {step.outcomes.get(outcome, 0):>10} "
-                f"{total.outcomes.get(outcome, 0):>8}"
-            )
-        lines.append(
-            "  divergences by kind   "
-            + "  ".join(f"{kind} {total.kinds.get(kind, 0)}" for kind in KINDS)
-        )
-        lines.append(f"  contract violations   {_per_backend(total.contract)}")
-        lines.append(f"  isolation violations  {_per_backend(total.isolation)}   (events withheld)")
-        lines.append(f"  shadow runs dropped   {_listing(total.dropped)}")
+
+        def group(title: str, name: str, keys: tuple[str, ...], note: str = "") -> None:
+            now, here = getattr(total, name), getattr(step, name)
+            for i, key in enumerate(keys):
+                label = f"  {title if i == 0 else '':<22}{key:<12}"
+                tail = note if i == 0 else ""
+                lines.append(f"{label}{here.get(key, 0):>10}{now.get(key, 0):>10}{tail}")
+
+        group("comparisons", "outcomes", OUTCOMES)
+        group("divergences", "kinds", KINDS)
+        group("contract violations", "contract", BACKENDS)
+        group("isolation violations", "isolation", BACKENDS, "   events withheld from clients")
+        reasons = tuple(sorted(key for key, n in total.dropped.items() if n))
+        if reasons:
+            group("shadow runs dropped", "dropped", reasons)
+        else:
+            lines.append(f"  {'shadow runs dropped':<22}{'none':<12}")
         lines.append(f"  last divergence       {self.last_divergence or '-'}"[:119])
         return lines
 
@@ -534,20 +537,20 @@ class Demo:
             )
         lines += [
             "",
-            "comparisons (primary against shadow, after normalisation; a mismatch has one or"
-            " more divergences)",
+            "comparisons per step (primary against shadow, after normalisation)",
             f"{'rollout':>8} {'compared':>9} {'match':>7} {'mismatch':>9} {'ignored':>8} "
-            f"{'error':>6}  {'contract violations':<20} {'isolation violations':<21} "
-            "divergences by kind",
+            f"{'error':>6}   {'contract violations':<22}isolation violations",
         ]
         for rollout, counts in zip(STEPS, self.step_counts, strict=True):
             c = counts or Counts()
             lines.append(
                 f"{rollout:>7} % {c.compared:>9} {c.outcomes.get('match', 0):>7} "
                 f"{c.mismatches:>9} {c.outcomes.get('ignored', 0):>8} "
-                f"{c.outcomes.get('error', 0):>6}  {_listing(c.contract, BACKENDS):<20} "
-                f"{_listing(c.isolation, BACKENDS):<21} {c.kinds_text()}"
+                f"{c.outcomes.get('error', 0):>6}   {_listing(c.contract, BACKENDS):<22}"
+                f"{_listing(c.isolation, BACKENDS):<22}".rstrip()
             )
+            if c.mismatches:
+                lines.append(f"{'':>10}divergences by kind: {c.kinds_text()}")
         lines.append("")
         lines.extend(self.defect_summary())
         return "\n".join(lines)
@@ -557,27 +560,31 @@ class Demo:
             return ["the demo ended before the defect was injected"]
         before = self.defect_on
         during = (self.defect_off or self.final) - before
-        labels = "; then ".join(defect.label for defect in DEFECTS)
+        foreign = sum(t.foreign for t in self.tallies)
         lines = [
-            f"before the defect: {before.compared} comparisons, {before.mismatches} mismatches"
-            " (the dispatchers' run-to-run noise in ids, timestamps, durations and thinking"
-            " is normalised away)",
-            f"defect: {labels}",
-            f"during the defect: {during.compared} comparisons, {during.mismatches} mismatches;"
-            f" divergences: {during.kinds_text()}",
-            f"  contract violations: {_per_backend(during.contract)};"
-            f"  isolation violations: {_per_backend(during.isolation)},"
-            " withheld from clients",
-            f"  users saw {self.client_errors['during']} failed exchanges (a JSON answer"
-            " carrying another user's event becomes a 502) and"
-            f" {sum(t.foreign for t in self.tallies)} events of another user",
+            f"before the defect: {before.compared} comparisons, {before.mismatches} mismatches:"
+            " the dispatchers' run-to-run noise",
+            "  (ids, timestamps, durations, thinking chunks and text) is normalised away",
+            "the defect, injected into the candidate during the "
+            f"{STEPS[DEFECT_STEP]} % step, then cleared:",
+            *(f"  {defect.label}" for defect in DEFECTS),
+            f"during the defect: {during.compared} comparisons, {during.mismatches} mismatches"
+            f" (from the first defect to the end of the {STEPS[DEFECT_STEP]} % step)",
+            f"  divergences by kind: {during.kinds_text()}",
+            f"  contract violations: {_both(during.contract)}",
+            f"  isolation violations: {_both(during.isolation)}; withheld from clients",
+            f"  failed exchanges users saw: {self.client_errors['during']}"
+            " (a JSON answer carrying another user's event becomes a 502)",
+            f"  another user's events that reached a user: {foreign}",
         ]
         if self.defect_off is not None:
             after = self.final - self.defect_off
             lines.append(
-                f"after the defect was cleared: {after.compared} comparisons,"
-                f" {after.mismatches} mismatches; divergences: {after.kinds_text()}"
+                f"after the defect, from the end of the {STEPS[DEFECT_STEP]} % step:"
+                f" {after.compared} comparisons, {after.mismatches} mismatches"
             )
+            if after.mismatches:
+                lines.append(f"  divergences by kind: {after.kinds_text()}")
         lines.append(
             "failed exchanges users saw outside the defect window: "
             f"before {self.client_errors['before']}, after {self.client_errors['after']}"
@@ -585,19 +592,21 @@ class Demo:
         return lines
 
 
+def _both(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{backend} {counts.get(backend, 0)}" for backend in BACKENDS)
+
+
 def _describe(record: Mapping[str, Any]) -> str:
     """One line about a stored divergence: where, who served, what differed."""
-    parts = []
-    for divergence in record.get("divergences", [])[:3]:
+    seen: dict[str, int] = {}
+    for divergence in record.get("divergences", []):
         text = str(divergence.get("kind"))
         if divergence.get("event_type"):
             text += f" {divergence['event_type']}"
         if divergence.get("paths"):
             text += " [" + ", ".join(map(str, divergence["paths"][:3])) + "]"
-        parts.append(text)
-    more = record.get("divergence_count", 0) - len(parts)
-    if more > 0:
-        parts.append(f"+{more} more")
+        seen[text] = seen.get(text, 0) + 1
+    parts = [text if n == 1 else f"{text} x{n}" for text, n in seen.items()]
     return (
         f"route {record.get('route')} ({record.get('primary')} served, "
         f"{record.get('shadow')} shadow): " + "; ".join(parts)
@@ -656,7 +665,11 @@ def _route(name: str, path: str, protocol: str) -> dict[str, object]:
         "user_field": "user_id",
         "compare": dict(COMPARE),
     }
-    if protocol != "websocket":
+    if protocol == "websocket":
+        # A turn ends at its last event even when it breaks the contract: a lost event
+        # must not make the rest of the session's frames count as that one turn.
+        route["turn_end"] = ["agent_completed", "error"]
+    else:
         # An agent turn is a POST. The demo dispatchers honour X-Strangler-Shadow: 1 by
         # not counting the tools a shadow turn runs as side effects, so it is safe here.
         route["shadow_methods"] = ["GET", "HEAD", "OPTIONS", "POST"]
@@ -716,7 +729,7 @@ async def run_demo(
             print(f"divergences          {server.admin_url}/api/divergences", file=out)
             print(f"flags file           {flags_path}", file=out)
             demo = Demo(server.proxy, server.proxy_url, server.admin_url, users)
-            demo.answer_gap = _SLOWEST_SHADOW_LAG * time_scale
+            demo.answer_gap = _SLOWEST_SHADOW_LAG * time_scale + _SCHEDULING_ROOM
             knobs = candidate_runner.app[KNOBS_KEY]
             await _drive(demo, server, flags_path, knobs, duration, live, out)
             print(demo.summary(), file=out)
@@ -781,16 +794,15 @@ async def _drive(
                     await asyncio.sleep(max(0.0, min(0.25, wake - elapsed)))
                 for _, defect in timeline:  # a step too short for the whole defect
                     demo.switch(defect, knobs)
-                await _settle(proxy)
-                demo.end_step(index)
+                if index < len(STEPS) - 1:  # the last one ends once the users have stopped
+                    await _settle(proxy)
+                    demo.end_step(index)
                 if not interactive:
                     await demo.refresh_last_divergence(proxy.store)
                     print(demo.render(rollout, started, step_seconds), file=out)
         finally:
             demo.stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if demo.settling is not None:
-                await demo.settling
     # Every session has closed: what is left in the shadow is compared now, and counts
     # in the last step.
     await _settle(proxy, websocket=True)

@@ -46,6 +46,7 @@ class RouteExperiment:
         )
         contract = route.settings.contract
         self.contract = Contract.parse(contract) if contract else None
+        self.error_types = frozenset(route.settings.error_types)
         # Whether exchanges on this route need recording at all: a route that neither
         # shadows nor checks anything is relayed without decoding a byte.
         self.watches = bool(
@@ -133,6 +134,7 @@ class RouteExperiment:
             subject_status=subj_obs.status,
             reference_timed_out=ref_obs.timed_out,
             subject_timed_out=subj_obs.timed_out,
+            error_types=self.error_types,
         )
         return comparison, reference, subject
 

@@ -179,6 +179,7 @@ class _Exchange:
                     headers,
                     body,
                     self.primary_done,
+                    self.user_id if self.user_field is not None else None,
                 ),
             )
             if not started:
@@ -360,8 +361,14 @@ async def run_http_shadow(
     headers: Headers,
     body: bytes,
     primary_done: asyncio.Future[Observation],
+    user_id: str | None = None,
 ) -> None:
-    """The shadow exchange: same request, the other backend, marked, then the comparison."""
+    """The shadow exchange: same request, the other backend, marked, then the comparison.
+
+    With ``user_id`` (the route checks isolation), the shadow's events that carry another
+    user's id are counted against the shadow backend: nothing of it reaches the client
+    anyway, but a candidate leaking in the shadow must show before it ever serves.
+    """
     shadows = proxy.shadows
     metrics = proxy.metrics
     label = route.name
@@ -397,6 +404,11 @@ async def run_http_shadow(
         shadows.drop(label, "error")
     finished = time.perf_counter()
     recorder.finish(finished)
+    user_field = route.settings.user_field
+    if user_id is not None and user_field is not None:
+        leaked = sum(1 for e in observation.events if not belongs_to(e, user_field, user_id))
+        if leaked:
+            metrics.isolation_violations.labels(label, backend.value).inc(leaked)
     metrics.count_request(label, backend.value, "shadow", outcome.value)
     metrics.observe_duration(label, backend.value, "shadow", finished - started)
     if observation.first_event is not None:

@@ -166,6 +166,7 @@ class RouteSettings(_Section):
     shadow_methods: list[str] = Field(default_factory=lambda: ["GET", "HEAD", "OPTIONS"])
     shadow_target: Literal["other", "legacy"] = "other"
     event_type_field: str = "type"
+    error_types: list[str] = Field(default_factory=list)
     contract: str | None = None
     user_field: str | None = None
     turn_end: list[str] = Field(default_factory=list)

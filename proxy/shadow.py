@@ -100,7 +100,9 @@ class ShadowRunner:
         try:
             await work
         except asyncio.CancelledError:
-            self.drop(route, "shutdown")
+            # A WebSocket session that ends cancels its own shadow: that is no drop.
+            if self.closing:
+                self.drop(route, "shutdown")
             raise
         except Exception:  # a shadow's failure is data, never the primary's problem
             log.exception("shadow on route %s failed", route)

@@ -63,7 +63,12 @@ class TurnTracker:
         self.primary_backend = primary
         self.shadow_backend = shadow
         self.type_field = route.settings.event_type_field
-        self.turn_end = frozenset(route.settings.turn_end)
+        # Without explicit end types, the contract's own: a turn that breaks the contract
+        # still ends at agent_completed instead of swallowing the session's later turns.
+        contract = experiment.contract
+        self.turn_end = frozenset(route.settings.turn_end) or (
+            contract.terminal_types if contract is not None else frozenset()
+        )
         self.idle = route.settings.turn_idle_seconds
         self.can_see_end = bool(self.turn_end) or experiment.contract is not None
         self.open: list[_Turn] = []
@@ -97,6 +102,7 @@ class TurnTracker:
         self.open.append(
             _Turn(self.turns, self._side(self.primary_backend, "primary", now), shadow)
         )
+        self.settled.clear()
 
     def shadow_lost(self, reason: str, now: float) -> None:
         """The shadow connection failed: its open turns end in error, later turns have none."""

@@ -179,3 +179,10 @@ async def test_a_leak_in_the_shadow_is_counted_on_the_shadow_backend(
     assert (status, backend) == (200, "legacy")
     assert b"agent_thinking" in body
     assert stack.sample("strangler_comparisons_total", route="stream", outcome="mismatch") == 1
+    leaks = stack.sample(
+        "strangler_isolation_violations_total", route="stream", backend="candidate"
+    )
+    assert leaks >= 1  # caught while it only runs in the shadow
+    assert (
+        stack.sample("strangler_isolation_violations_total", route="stream", backend="legacy") == 0
+    )

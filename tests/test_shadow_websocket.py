@@ -233,3 +233,47 @@ async def test_a_websocket_aa_baseline_over_many_turns_finds_no_mismatch(
         assert stack.stats("legacy").shadow_turns == 12
         assert stack.sample("strangler_comparisons_total", route="agent", outcome="match") == 12
         assert stack.sample("strangler_comparisons_total", route="agent", outcome="mismatch") == 0
+
+
+async def turn(ws: aiohttp.ClientWebSocketResponse, prompt: str = TOOL_PROMPT) -> None:
+    await ws.send_json({"prompt": prompt})
+    while json.loads(await ws.receive_str(timeout=10))["type"] != "agent_completed":
+        pass
+
+
+async def test_a_lagging_shadow_finishes_its_last_turn_after_the_client_leaves(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    async with shadow_stack(aiohttp_server, tmp_path, rollout=100) as stack:
+        stack.knobs("legacy").latency_ms = 30  # the shadow answers well after the primary
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(
+                stack.url + "/ws/agent", headers={"X-User-Id": "user-1"}
+            ) as ws:
+                await turn(ws)
+                await turn(ws)
+        await stack.settle()
+        assert stack.sample("strangler_comparisons_total", route="agent", outcome="match") == 2
+        assert stack.sample("strangler_comparisons_total", route="agent", outcome="mismatch") == 0
+        assert stack.sample("strangler_shadow_dropped_total", route="agent", reason="shutdown") == 0
+
+
+async def test_a_turn_that_breaks_the_contract_ends_and_later_turns_compare_cleanly(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    async with shadow_stack(aiohttp_server, tmp_path, rollout=0) as stack:
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(
+                stack.url + "/ws/agent", headers={"X-User-Id": "user-1"}
+            ) as ws:
+                stack.knobs("candidate").drop = {"tool_completed"}
+                await turn(ws)
+                # Knobs apply when a turn starts: wait for the shadow's turn to start.
+                await stack.stats("candidate").wait_until(lambda s: s.shadow_turns >= 1)
+                stack.knobs("candidate").drop = set()
+                await turn(ws)
+                await turn(ws)
+        await stack.settle()
+        assert stack.sample("strangler_comparisons_total", route="agent", outcome="mismatch") == 1
+        assert stack.sample("strangler_comparisons_total", route="agent", outcome="match") == 2
+        assert stack.sample("strangler_divergences_total", route="agent", kind="timeout") == 0
