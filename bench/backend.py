@@ -17,12 +17,25 @@ from the load generator on the same two cores.
 
 Endpoints (any path outside these answers 404):
 
-- ``GET|POST /api/json``: one small JSON object naming the backend and the user.
+- ``GET|POST /api/json``: one small JSON object naming the backend and the user, with a
+  request id that differs per backend and per request.
 - ``GET|POST /api/stream``: chunked ``application/x-ndjson``, five agent events, each line
   written with its own ``write`` so the proxy sees a stream, not one buffer.
 - ``GET /ws/agent`` (WebSocket): every client data message is answered by five JSON event
   frames, again one ``write`` each.
-- ``GET /healthz``: ``ok``.
+- ``GET /healthz``: ``ok``; ``GET /_stats``: requests answered so far, and how many of them
+  carried ``X-Strangler-Shadow`` (a shadow or a mirror), so the benchmark can check that a
+  proxy really sent the shadow traffic it claims.
+
+Legacy and candidate answer one request with the same events except for what legitimately
+differs between two runs: ``run_id``, ``tool_call_id`` and the JSON ``request_id`` (named
+after the backend and its run counter), ``timestamp``, ``duration_ms`` and the
+thinking ``text``. A route normalised with the demo's rules (ignore ``timestamp`` and
+``duration_ms``, canonical ``run_id`` and ``tool_call_id``, ``text`` by presence) therefore
+sees every shadowed exchange match, after real normalisation work.
+
+``--hang`` starts a backend that accepts connections, reads whatever is sent and never
+answers: the shadow backend of the "hanging shadow" benchmark.
 
 Run: ``python bench/backend.py --name legacy --port 19001``. Pure I/O; no state beyond counters.
 """
@@ -57,22 +70,43 @@ EVENT_TYPES = (
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
+THOUGHTS = {
+    "legacy": b"Let me check which tool fits.",
+    "candidate": b"First I'll look at the request.",
+}
+
+
 def agent_events(backend: str, user: str, run: int) -> list[bytes]:
-    """The five events of one agent run, serialised, in the order the contract expects."""
+    """The five events of one agent run, serialised, in the order the contract expects.
+
+    Ids, timestamp, duration and thinking text differ between backends and between runs;
+    the rest is the same, so that a normalised comparison matches."""
     run_id = f"run-{backend}-{run}"
-    tool_call_id = f"call-{run}"
+    tool_call_id = f"call-{backend}-{run}"
+    timestamp = 1_767_225_600_000 + run  # a stand-in for a clock reading (ms)
+    text = THOUGHTS.get(backend, b"thinking").decode()
     return [
-        orjson.dumps({"type": "agent_started", "run_id": run_id, "user_id": user}),
         orjson.dumps(
-            {"type": "agent_thinking", "run_id": run_id, "user_id": user, "text": "planning"}
+            {"type": "agent_started", "run_id": run_id, "user_id": user, "timestamp": timestamp}
+        ),
+        orjson.dumps(
+            {
+                "type": "agent_thinking",
+                "run_id": run_id,
+                "user_id": user,
+                "timestamp": timestamp,
+                "text": text,
+            }
         ),
         orjson.dumps(
             {
                 "type": "tool_executing",
                 "run_id": run_id,
                 "user_id": user,
+                "timestamp": timestamp,
                 "tool": "search",
                 "tool_call_id": tool_call_id,
+                "arguments": {"query": "refund policy", "limit": 2},
             }
         ),
         orjson.dumps(
@@ -80,12 +114,20 @@ def agent_events(backend: str, user: str, run: int) -> list[bytes]:
                 "type": "tool_completed",
                 "run_id": run_id,
                 "user_id": user,
+                "timestamp": timestamp,
                 "tool_call_id": tool_call_id,
-                "duration_ms": 3,
+                "result": {"hits": 2},
+                "duration_ms": run % 300,
             }
         ),
         orjson.dumps(
-            {"type": "agent_completed", "run_id": run_id, "user_id": user, "text": "done"}
+            {
+                "type": "agent_completed",
+                "run_id": run_id,
+                "user_id": user,
+                "timestamp": timestamp,
+                "answer": "2 results for 'refund policy'.",
+            }
         ),
     ]
 
@@ -111,11 +153,13 @@ def unmask(payload: bytes, key: bytes) -> bytes:
 
 
 class Backend:
-    """What every connection of one backend shares: its name and a run counter."""
+    """What every connection of one backend shares: its name and its counters."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.runs = 0
+        self.requests = 0
+        self.shadow_requests = 0
 
     def next_run(self) -> int:
         self.runs += 1
@@ -133,6 +177,7 @@ class BackendProtocol(asyncio.Protocol):
         self.user = ""
         self.ws_key = b""
         self.body_size = 0
+        self.shadow = False
         self.ws_buffer: bytearray | None = None
 
     # asyncio.Protocol ---------------------------------------------------------------------
@@ -161,6 +206,7 @@ class BackendProtocol(asyncio.Protocol):
         self.user = ""
         self.ws_key = b""
         self.body_size = 0
+        self.shadow = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -171,6 +217,8 @@ class BackendProtocol(asyncio.Protocol):
             self.user = value.decode("latin-1")
         elif lowered == b"sec-websocket-key":
             self.ws_key = value
+        elif lowered == b"x-strangler-shadow":
+            self.shadow = True
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
@@ -180,10 +228,12 @@ class BackendProtocol(asyncio.Protocol):
             return  # answered from the HttpParserUpgrade handler
         path = self.url.split(b"?", 1)[0]
         keep_alive = self.parser.should_keep_alive()
+        backend = self.backend
         if path == b"/api/json":
             body = orjson.dumps(
                 {
-                    "backend": self.backend.name,
+                    "backend": backend.name,
+                    "request_id": f"req-{backend.name}-{backend.next_run()}",
                     "user_id": self.user,
                     "ok": True,
                     "received": self.body_size,
@@ -194,8 +244,15 @@ class BackendProtocol(asyncio.Protocol):
             self.stream(keep_alive)
         elif path == b"/healthz":
             self.respond(200, b"text/plain", b"ok", keep_alive)
+            return
+        elif path == b"/_stats":
+            stats = {"requests": backend.requests, "shadow_requests": backend.shadow_requests}
+            self.respond(200, b"application/json", orjson.dumps(stats), keep_alive)
+            return
         else:
             self.respond(404, b"application/json", b'{"error":"not found"}', keep_alive)
+        backend.requests += 1
+        backend.shadow_requests += self.shadow
 
     # HTTP responses -----------------------------------------------------------------------
 
@@ -305,12 +362,33 @@ class BackendProtocol(asyncio.Protocol):
             transport.close()
 
 
-async def serve(name: str, host: str, port: int) -> None:
+class HangingProtocol(asyncio.Protocol):
+    """Accepts a connection, reads what comes and never answers: a backend that hangs.
+
+    It keeps the transport open until the client gives up, the way a wedged server behind
+    a live socket does, so that only the proxy's own limits and timeouts end the wait."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the client closed its side: close ours too
+
+
+async def serve(name: str, host: str, port: int, hang: bool = False) -> None:
     loop = asyncio.get_running_loop()
     backend = Backend(name)
-    server = await loop.create_server(
-        lambda: BackendProtocol(backend), host, port, backlog=4096, reuse_port=True
-    )
+
+    def protocol() -> asyncio.Protocol:
+        return HangingProtocol() if hang else BackendProtocol(backend)
+
+    server = await loop.create_server(protocol, host, port, backlog=4096, reuse_port=True)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -326,6 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--processes", type=int, default=1, help="listeners sharing the port (SO_REUSEPORT)"
     )
+    parser.add_argument("--hang", action="store_true", help="accept, read, never answer")
     args: Any = parser.parse_args(argv)
     # Fork before any event loop exists; every process binds its own SO_REUSEPORT socket
     # and the kernel spreads connections across them.
@@ -333,11 +412,11 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.processes - 1):
         pid = os.fork()
         if pid == 0:
-            run(args.name, args.host, args.port)
+            run(args.name, args.host, args.port, args.hang)
             os._exit(0)
         children.append(pid)
     try:
-        run(args.name, args.host, args.port)
+        run(args.name, args.host, args.port, args.hang)
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
@@ -346,11 +425,11 @@ def main(argv: list[str] | None = None) -> None:
                 os.waitpid(pid, 0)
 
 
-def run(name: str, host: str, port: int) -> None:
+def run(name: str, host: str, port: int, hang: bool = False) -> None:
     if uvloop is not None:
-        uvloop.run(serve(name, host, port))
+        uvloop.run(serve(name, host, port, hang))
     else:
-        asyncio.run(serve(name, host, port))
+        asyncio.run(serve(name, host, port, hang))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
-"""Benchmark: direct vs nginx ``split_clients`` vs strangler on the same loopback backends.
+"""Benchmark: direct vs nginx ``split_clients`` vs strangler on the same loopback backends,
+routing only and with shadow runs.
 
-One run (``make bench``) starts two backends (``bench/backend.py``: legacy and candidate),
-then, one path at a time so that no idle proxy shares the CPUs, measures three workloads:
+One run (``make bench``) starts two backends (``bench/backend.py``: legacy and candidate)
+and runs two suites (``--suite routing|shadow|all``, ``all`` by default), one path at a time
+so that no idle proxy shares the CPUs.
+
+**routing** measures three workloads:
 
 - ``json``: ``POST /api/json``, one small JSON response (wrk, ``bench/users.lua``);
 - ``ndjson``: ``GET /api/stream``, five chunked NDJSON event lines (wrk);
@@ -15,6 +19,20 @@ backend capacity), ``nginx`` (``split_clients`` on ``$http_x_user_id``,
 ``workers = 2`` when the key is supported). HTTP runs use 50 connections over 2 wrk threads
 for a fixed duration, then one connection for latency at one client; every request carries
 its own ``X-User-Id``. WebSocket runs use 200 sessions, then one.
+
+**shadow** measures what shadow runs cost:
+
+1. Shadowed throughput, JSON and NDJSON at 50 clients: strangler with ``shadow = 1.0`` on
+   both routes and comparison on (the demo's normalisation rules; the backends answer one
+   request with comparable sequences, so every comparison does real work and matches),
+   against nginx ``split_clients`` plus ``mirror`` of every request to the other upstream.
+   strangler's admin ``/metrics`` (comparisons by outcome, shadows dropped by reason) and
+   the backends' own count of shadow requests are read around the loaded window.
+2. A hanging shadow backend: every user served by legacy, every exchange shadowed on a
+   candidate that accepts connections and never answers (``[shadow] timeout = 2``, 64
+   shadow connections), against the same config with ``shadow = 0``, at a fixed moderate
+   load (a few wrk connections, each pausing between requests): the primary's p50/p99.
+3. The cost of comparing one five-event turn (``bench/compare_cost.py``, timeit).
 
 CPU: the machine has two cores shared by the load generator, the proxy and the backends. By
 default nothing is pinned: every path then gets the same two cores and the scheduler, which
@@ -38,11 +56,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import http.client
 import itertools
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -68,6 +88,8 @@ FLAG = "ssot-dispatcher"
 # is repeated once.
 NOISY_PERCENT = 25.0
 ALL_PATHS = ("direct", "nginx", "nginx-plain", "minimal", "strangler")
+SUITES = ("routing", "shadow")
+SHADOW_WORKLOADS = ("json", "ndjson")
 
 WORKLOADS: dict[str, dict[str, str]] = {
     "json": {"path": "/api/json", "method": "POST", "body": "body"},
@@ -84,6 +106,49 @@ TARGETS = (
     ("ndjson_added_p50", "ndjson", "NDJSON added p50 at 1 client <= 0.4 ms over direct", 0.4),
     ("ws_added_p50", "websocket", "WebSocket added p50 at 1 session <= 0.4 ms over direct", 0.4),
 )
+
+
+SHADOW_TARGETS = (
+    # (key, workload, description, threshold): strangler shadowed / nginx split + mirror.
+    (
+        "json_shadow_vs_mirror",
+        "json",
+        "Shadowed JSON throughput at 50 clients >= 1.2 x nginx split_clients + mirror",
+        1.2,
+    ),
+    (
+        "ndjson_shadow_vs_mirror",
+        "ndjson",
+        "Shadowed NDJSON throughput at 50 clients >= 4 x nginx split_clients + mirror",
+        4.0,
+    ),
+)
+HANG_P99_TARGET = 0.10  # the primary's p99 moves by less than this with a hanging shadow
+COMPARE_COST_TARGET_US = 50.0
+
+# The routes strangler is configured with: (name, path prefix, protocol, workload).
+ROUTES = (
+    ("json", "/api/json", "json", "json"),
+    ("stream", "/api/stream", "ndjson", "ndjson"),
+    ("agent", "/ws/agent", "websocket", "websocket"),
+)
+ROUTE_OF_WORKLOAD = {workload: name for name, _, _, workload in ROUTES}
+CONTRACT = "agent_started (agent_thinking | tool_executing tool_completed)* agent_completed"
+# What legitimately differs between the two backends' answers to one request: the demo
+# route's rules for the event streams, the backend's name and request id for the JSON.
+EVENT_RULES: dict[str, list[str]] = {
+    "ignore": ["timestamp", "seq", "duration_ms", "*.duration_ms"],
+    "canonical_ids": ["run_id", "tool_call_id"],
+    "coalesce": ["agent_thinking"],
+    "presence_only": ["text", "*.text"],
+}
+COMPARE_RULES: dict[str, dict[str, list[str]]] = {
+    "json": {"ignore": ["body.backend"], "canonical_ids": ["body.request_id"]},
+    "stream": EVENT_RULES,
+    "agent": EVENT_RULES,
+}
+# The hanging-shadow case: what bounds the shadows that hang.
+HANG_SHADOW = {"timeout": 2.0, "connections": 64, "max_concurrent": 256}
 
 
 class BenchError(RuntimeError):
@@ -112,6 +177,13 @@ class Settings:
     install: bool
     keep_temp: bool
     output: Path
+    suites: tuple[str, ...] = SUITES
+    hang_connections: int = 10
+    hang_think_ms: int = 5
+    hang_duration: float = 8.0
+    hang_warmup: float = 3.0
+    hang_workloads: tuple[str, ...] = ("ndjson",)
+    hang_rounds: int = 1
 
 
 @dataclass
@@ -129,6 +201,9 @@ class Measurement:
     errors: dict[str, int] = field(default_factory=dict)
     cpu_percent: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    requests: int = 0  # HTTP requests completed in the loaded window
+    p90_ms: float = 0.0
+    counters: dict[str, float] = field(default_factory=dict)  # probe deltas, loaded window
 
 
 @dataclass
@@ -143,6 +218,8 @@ class PathInfo:
     split: dict[str, int] = field(default_factory=dict)
     processes: int = 0
     notes: list[str] = field(default_factory=list)
+    setup: StranglerSetup | None = None  # strangler paths: how it is configured
+    admin_port: int = 0
 
 
 # ----------------------------------------------------------------------------------------
@@ -366,6 +443,7 @@ def run_loadgens(
     supervisor: Supervisor,
     groups: dict[str, list[int]],
     timeout: float,
+    env: dict[str, str] | None = None,
 ) -> LoadRun:
     """Run load generators side by side to completion, sampling CPU over their window.
 
@@ -400,6 +478,7 @@ def run_loadgens(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=REPO_DIR,
+            env=os.environ | env if env else None,
             preexec_fn=_die_with_parent,
         )
         for argv in argvs
@@ -504,14 +583,17 @@ def wrk(
     connections: int,
     threads: int,
     duration: float,
+    think_ms: int = 0,
 ) -> LoadRun:
-    """wrk on one URL, or one wrk per URL sharing the connections and threads."""
+    """wrk on one URL, or one wrk per URL sharing the connections and threads; with
+    ``think_ms``, every connection pauses that long between requests (a paced load)."""
     share = len(urls)
     argvs = [
         wrk_argv(url, workload, max(1, connections // share), max(1, threads // share), duration)
         for url in urls
     ]
-    return run_loadgens(argvs, supervisor, groups, timeout=duration + 30)
+    env = {"BENCH_THINK_MS": str(think_ms)} if think_ms > 0 else None
+    return run_loadgens(argvs, supervisor, groups, timeout=duration + 30, env=env)
 
 
 def wsload(
@@ -585,6 +667,30 @@ def measure_websocket(
     )
 
 
+Probe = Callable[[], dict[str, float]]
+
+
+def settled(probe: Probe, timeout: float = 5.0) -> dict[str, float]:
+    """The probe's counters once two readings 0.25 s apart agree (the shadows still in
+    flight when the load stopped have finished), or after ``timeout``."""
+    reading = probe()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        again = probe()
+        if again == reading:
+            break
+        reading = again
+    return reading
+
+
+def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Counters: their change over the window; gauges (``gauge_*``): their last value."""
+    changes = {key: after[key] - before.get(key, 0.0) for key in after}
+    changes |= {key: value for key, value in after.items() if key.startswith("gauge_")}
+    return {key: value for key, value in changes.items() if value}
+
+
 def measure_http(
     settings: Settings,
     supervisor: Supervisor,
@@ -592,11 +698,16 @@ def measure_http(
     path_key: str,
     workload: str,
     urls: list[str],
+    probe: Probe | None = None,
 ) -> Measurement:
+    """Warm-up, the loaded run, then one client. ``probe`` (counters such as strangler's
+    metrics) is read just before the loaded run and once things settle after it."""
     connections, threads = settings.connections, settings.threads
     if settings.warmup > 0:
         wrk(supervisor, groups, urls, workload, connections, threads, settings.warmup)
+    before = settled(probe) if probe is not None else {}
     loaded = wrk(supervisor, groups, urls, workload, connections, threads, settings.duration)
+    counters = delta(before, settled(probe)) if probe is not None else {}
     single = wrk(supervisor, groups, urls[:1], workload, 1, 1, settings.latency_duration)
     one = single.results[0]
     return Measurement(
@@ -611,6 +722,45 @@ def measure_http(
         errors=wrk_errors(loaded.results)
         | {f"one_client_{k}": v for k, v in wrk_errors(single.results).items()},
         cpu_percent=with_other(loaded.cpu_percent),
+        requests=sum(int(r["requests"]) for r in loaded.results),
+        p90_ms=merged_percentile(loaded.results, 90) / 1000,
+        counters=counters,
+    )
+
+
+def measure_paced(
+    settings: Settings,
+    supervisor: Supervisor,
+    groups: dict[str, list[int]],
+    path_key: str,
+    workload: str,
+    url: str,
+    probe: Probe | None = None,
+) -> Measurement:
+    """A fixed moderate load: a few connections, each pausing between requests, so that
+    latency, not saturation, is what the run shows."""
+    connections, think = settings.hang_connections, settings.hang_think_ms
+    threads = min(settings.threads, connections)
+    if settings.hang_warmup > 0:
+        wrk(supervisor, groups, [url], workload, connections, threads, settings.hang_warmup, think)
+    before = settled(probe, timeout=1.0) if probe is not None else {}
+    loaded = wrk(
+        supervisor, groups, [url], workload, connections, threads, settings.hang_duration, think
+    )
+    after = probe() if probe is not None else {}
+    result = loaded.results[0]
+    return Measurement(
+        workload,
+        path_key,
+        "req/s",
+        rate=result["requests"] / (result["duration_us"] / 1e6),
+        p50_ms=result["p50_us"] / 1000,
+        p90_ms=result["p90_us"] / 1000,
+        p99_ms=result["p99_us"] / 1000,
+        errors=wrk_errors(loaded.results),
+        cpu_percent=with_other(loaded.cpu_percent),
+        requests=int(result["requests"]),
+        counters=delta(before, after),
     )
 
 
@@ -627,35 +777,66 @@ def measure_path(
 
     A run during which unrelated processes took more than NOISY_PERCENT of a core is
     repeated once, and the quieter of the two is kept (and flagged if still noisy)."""
-    measurements = []
-    for workload in settings.workloads:
-        attempts: list[Measurement] = []
-        while len(attempts) < 2:
-            if workload == "websocket":
-                urls = [f"ws://127.0.0.1:{port}" for port in ports]
-                measurement = measure_websocket(settings, supervisor, groups, path_key, urls)
-            else:
-                urls = [f"http://127.0.0.1:{port}" for port in ports]
-                measurement = measure_http(settings, supervisor, groups, path_key, workload, urls)
-            attempts.append(measurement)
-            log(
-                f"  {workload:<9} {path_key:<13} {measurement.rate:>10,.0f} "
-                f"{measurement.unit:<8} p50 {measurement.p50_ms:6.2f} ms  "
-                f"p99 {measurement.p99_ms:6.2f} ms  "
-                f"1-client p50 {measurement.p50_one_client_ms:.3f} ms  cpu "
-                + " ".join(f"{k}={v:.0f}%" for k, v in measurement.cpu_percent.items())
-                + (f"  errors {measurement.errors}" if measurement.errors else "")
-            )
-            if measurement.cpu_percent["other"] <= NOISY_PERCENT:
-                break
-            log(f"  ^ noisy: {measurement.cpu_percent['other']:.0f} % of a core went elsewhere")
-        best = min(attempts, key=lambda m: m.cpu_percent["other"])
-        if best.cpu_percent["other"] > NOISY_PERCENT:
-            best.notes.append(
-                f"noisy: {best.cpu_percent['other']:.0f} % of a core used by other processes"
-            )
-        measurements.append(best)
-    return measurements
+    return [
+        measure_quietly(
+            functools.partial(
+                measure_once, settings, supervisor, groups, path_key, workload, ports
+            ),
+            log,
+        )
+        for workload in settings.workloads
+    ]
+
+
+def measure_once(
+    settings: Settings,
+    supervisor: Supervisor,
+    groups: dict[str, list[int]],
+    path_key: str,
+    workload: str,
+    ports: list[int],
+    probe: Probe | None = None,
+) -> Measurement:
+    if workload == "websocket":
+        urls = [f"ws://127.0.0.1:{port}" for port in ports]
+        return measure_websocket(settings, supervisor, groups, path_key, urls)
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    return measure_http(settings, supervisor, groups, path_key, workload, urls, probe)
+
+
+def log_measurement(measurement: Measurement, log: Callable[[str], None]) -> None:
+    log(
+        f"  {measurement.workload:<9} {measurement.path:<13} {measurement.rate:>10,.0f} "
+        f"{measurement.unit:<8} p50 {measurement.p50_ms:6.2f} ms  "
+        f"p99 {measurement.p99_ms:6.2f} ms  "
+        + (
+            f"1-client p50 {measurement.p50_one_client_ms:.3f} ms  "
+            if measurement.p50_one_client_ms
+            else ""
+        )
+        + "cpu "
+        + " ".join(f"{k}={v:.0f}%" for k, v in measurement.cpu_percent.items())
+        + (f"  errors {measurement.errors}" if measurement.errors else "")
+    )
+
+
+def measure_quietly(run: Callable[[], Measurement], log: Callable[[str], None]) -> Measurement:
+    """One measurement, repeated once if unrelated processes took more than NOISY_PERCENT
+    of a core; the quieter attempt is kept, flagged if still noisy."""
+    attempts: list[Measurement] = []
+    while len(attempts) < 2:
+        measurement = run()
+        attempts.append(measurement)
+        log_measurement(measurement, log)
+        if measurement.cpu_percent["other"] <= NOISY_PERCENT:
+            break
+        log(f"  ^ noisy: {measurement.cpu_percent['other']:.0f} % of a core went elsewhere")
+    best = min(attempts, key=lambda m: m.cpu_percent["other"])
+    if best.cpu_percent["other"] > NOISY_PERCENT:
+        best.notes.append(
+            f"noisy: {best.cpu_percent['other']:.0f} % of a core used by other processes"
+        )
+    return best
 
 
 # ----------------------------------------------------------------------------------------
@@ -690,26 +871,62 @@ def tool_version(argv: list[str]) -> str:
     return text[0] if text else "unknown"
 
 
-def start_backends(supervisor: Supervisor, workdir: Path, ports: dict[str, int]) -> list[int]:
+def start_backends(
+    supervisor: Supervisor, workdir: Path, ports: dict[str, int], hang: bool = False
+) -> list[int]:
+    """One backend process per name; with ``hang``, backends that never answer."""
     pgids = []
     for name, port in ports.items():
         argv = [PYTHON, str(BENCH_DIR / "backend.py"), "--name", name, "--port", str(port)]
+        argv += ["--hang"] if hang else []
         process = supervisor.start(f"backend-{name}", argv, "backends", workdir / f"{name}.log")
         wait_until(port_open(port), process, f"backend {name}", timeout=15)
         pgids.append(process.pid)
     return pgids
 
 
+def backend_stats(ports: dict[str, int]) -> dict[str, float]:
+    """Requests each backend answered so far, and how many were marked as shadows."""
+    counters: dict[str, float] = {}
+    for name, port in ports.items():
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            connection.request("GET", "/_stats")
+            stats = json.loads(connection.getresponse().read())
+        finally:
+            connection.close()
+        counters[f"backend_requests{{backend={name}}}"] = float(stats["requests"])
+        counters[f"backend_shadow_requests{{backend={name}}}"] = float(stats["shadow_requests"])
+    return counters
+
+
+_NGINX_TUNED = {
+    "CLIENT_KEEPALIVE": "keepalive_requests 1000000;",
+    "UPSTREAM_KEEPALIVE": "keepalive 256;\n        keepalive_requests 1000000;",
+    "UPSTREAM_HTTP_VERSION": "1.1",
+    "MIRROR": "",
+    "MIRROR_LOCATION": "",
+}
+# The mirror as the nginx documentation shows it, towards the other upstream.
+_NGINX_MIRROR_LOCATION = """
+        location = /_mirror {
+            internal;
+            proxy_pass http://$strangler_shadow_pool$request_uri;
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header Connection "";
+            proxy_set_header X-Strangler-Shadow 1;
+        }"""
 NGINX_TUNING = {
-    "nginx": {
-        "CLIENT_KEEPALIVE": "keepalive_requests 1000000;",
-        "UPSTREAM_KEEPALIVE": "keepalive 256;\n        keepalive_requests 1000000;",
-        "UPSTREAM_HTTP_VERSION": "1.1",
-    },
-    "nginx-plain": {
-        "CLIENT_KEEPALIVE": "",
-        "UPSTREAM_KEEPALIVE": "",
-        "UPSTREAM_HTTP_VERSION": "1.0",
+    "nginx": _NGINX_TUNED,
+    "nginx-plain": _NGINX_TUNED
+    | {"CLIENT_KEEPALIVE": "", "UPSTREAM_KEEPALIVE": "", "UPSTREAM_HTTP_VERSION": "1.0"},
+    "nginx-mirror": _NGINX_TUNED
+    | {
+        "MIRROR": "mirror /_mirror;\n            mirror_request_body on;",
+        "MIRROR_LOCATION": _NGINX_MIRROR_LOCATION,
     },
 }
 
@@ -768,43 +985,84 @@ def start_minimal(supervisor: Supervisor, workdir: Path, ports: dict[str, int]) 
     return process.pid, port
 
 
-def strangler_config(port: int, admin_port: int, ports: dict[str, int], workers: int) -> str:
-    workers_line = f"workers = {workers}\n" if workers != 1 else ""
-    routes = "".join(
-        f'[[routes]]\nname = "{name}"\npath = "{path}"\nprotocol = "{protocol}"\n'
-        f'flag = "{FLAG}"\nshadow = 0.0\n'
-        for name, path, protocol in (
-            ("json", "/api/json", "json"),
-            ("stream", "/api/stream", "ndjson"),
-            ("agent", "/ws/agent", "websocket"),
-        )
-    )
-    return (
-        f'[server]\nhost = "127.0.0.1"\nport = {port}\n{workers_line}'
-        f'[admin]\nhost = "127.0.0.1"\nport = {admin_port}\ntoken = "bench"\n'
-        f'[backends]\nlegacy = "http://127.0.0.1:{ports["legacy"]}"\n'
-        f'candidate = "http://127.0.0.1:{ports["candidate"]}"\n'
-        f'[identity]\nheader = "X-User-Id"\n'
-        f'[flags]\nprovider = "file"\nfile = "flags.json"\n'
-        f"{routes}"
-    )
+@dataclass(frozen=True)
+class StranglerSetup:
+    """What one strangler run is configured with, beyond ports."""
+
+    workers: int = 1
+    rollout: int = 50  # percent of users on the candidate
+    shadow: float = 0.0  # on the json and stream routes (the WebSocket route never)
+    shadow_settings: tuple[tuple[str, float | int], ...] = ()  # the [shadow] section
 
 
-FLAGS_DOCUMENT = {
-    "version": 1,
-    "features": [
-        {
-            "name": FLAG,
-            "enabled": True,
-            "strategies": [
-                {
-                    "name": "flexibleRollout",
-                    "parameters": {"rollout": "50", "stickiness": "userId", "groupId": FLAG},
-                }
-            ],
-        }
-    ],
-}
+def toml(value: object) -> str:
+    """A TOML value for the strings, numbers and string lists written here (JSON's
+    spelling of those is valid TOML)."""
+    return json.dumps(value)
+
+
+def strangler_config(
+    port: int, admin_port: int, ports: dict[str, int], setup: StranglerSetup, directory: Path
+) -> str:
+    """The TOML config: the three routes, shadowed and compared when ``setup.shadow``."""
+    lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}"]
+    if setup.workers != 1:
+        lines.append(f"workers = {setup.workers}")
+    lines += ["[admin]", 'host = "127.0.0.1"', f"port = {admin_port}", 'token = "bench"']
+    lines += [
+        "[backends]",
+        f'legacy = "http://127.0.0.1:{ports["legacy"]}"',
+        f'candidate = "http://127.0.0.1:{ports["candidate"]}"',
+        "[identity]",
+        'header = "X-User-Id"',
+        "[flags]",
+        'provider = "file"',
+        'file = "flags.json"',
+    ]
+    if setup.shadow_settings:
+        lines.append("[shadow]")
+        lines += [f"{key} = {toml(value)}" for key, value in setup.shadow_settings]
+    lines += ["[divergences]", f"path = {toml(str(directory / 'divergences.sqlite3'))}"]
+    for name, path, protocol, _ in ROUTES:
+        shadow = setup.shadow if name != "agent" else 0.0
+        lines += [
+            "[[routes]]",
+            f'name = "{name}"',
+            f'path = "{path}"',
+            f'protocol = "{protocol}"',
+            f'flag = "{FLAG}"',
+            f"shadow = {shadow!r}",
+        ]
+        if shadow > 0:
+            if protocol == "json":  # the workload POSTs; the bench backends have no side effects
+                lines.append(f"shadow_methods = {toml(['GET', 'HEAD', 'OPTIONS', 'POST'])}")
+            else:
+                lines.append(f"contract = {toml(CONTRACT)}")
+            lines.append("[routes.compare]")
+            lines += [f"{key} = {toml(value)}" for key, value in COMPARE_RULES[name].items()]
+    return "\n".join(lines) + "\n"
+
+
+def flags_document(rollout: int) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "features": [
+            {
+                "name": FLAG,
+                "enabled": True,
+                "strategies": [
+                    {
+                        "name": "flexibleRollout",
+                        "parameters": {
+                            "rollout": str(rollout),
+                            "stickiness": "userId",
+                            "groupId": FLAG,
+                        },
+                    }
+                ],
+            }
+        ],
+    }
 
 
 def strangler_runnable() -> str:
@@ -828,14 +1086,19 @@ def strangler_runnable() -> str:
 
 
 def start_strangler(
-    supervisor: Supervisor, workdir: Path, name: str, ports: dict[str, int], workers: int
-) -> tuple[int, int]:
+    supervisor: Supervisor,
+    workdir: Path,
+    name: str,
+    ports: dict[str, int],
+    setup: StranglerSetup,
+) -> tuple[int, int, int]:
+    """Start ``strangler run``; its process group, proxy port and admin port."""
     directory = workdir / name
     directory.mkdir()
     port, admin_port = free_port(), free_port()
     config = directory / "strangler.toml"
-    config.write_text(strangler_config(port, admin_port, ports, workers))
-    (directory / "flags.json").write_text(json.dumps(FLAGS_DOCUMENT))
+    config.write_text(strangler_config(port, admin_port, ports, setup, directory))
+    (directory / "flags.json").write_text(json.dumps(flags_document(setup.rollout)))
     argv = [STRANGLER, "run", "--config", str(config)]
     process = supervisor.start(name, argv, "proxy", directory / "strangler.log")
     try:
@@ -847,7 +1110,626 @@ def start_strangler(
         last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
         raise BenchError(f"{error}: {last.strip()}\n{tail}") from error
     time.sleep(0.3)
-    return process.pid, port
+    return process.pid, port, admin_port
+
+
+_SAMPLE = re.compile(r"^(strangler_[a-z_]+?)(?:_total)?\{([^}]*)\}\s+(\S+)$")
+
+
+def scrape(admin_port: int) -> dict[str, float]:
+    """strangler's counters from its admin ``/metrics``, keyed ``name{label=value,...}``
+    (``_total`` dropped; histograms and gauges left out)."""
+    connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=5)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    counters: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is None or not line.split("{", 1)[0].endswith("_total"):
+            continue
+        labels = ",".join(
+            sorted(
+                f"{k}={v}" for k, v in re.findall(r'([a-z_]+)="((?:[^"\\]|\\.)*)"', match.group(2))
+            )
+        )
+        key = f"{match.group(1)}{{{labels}}}"
+        counters[key] = counters.get(key, 0.0) + float(match.group(3))
+    return counters
+
+
+def counted(counters: dict[str, float], name: str, **labels: str) -> dict[str, float]:
+    """The counters of one metric whose labels include ``labels``, keyed by their labels."""
+    out = {}
+    for key, value in counters.items():
+        metric, _, rest = key.partition("{")
+        if metric != name:
+            continue
+        have = dict(pair.split("=", 1) for pair in rest.rstrip("}").split(",") if pair)
+        if all(have.get(k) == v for k, v in labels.items()):
+            out[rest.rstrip("}")] = value
+    return out
+
+
+def counted_by(counters: dict[str, float], name: str, label: str, **labels: str) -> dict[str, int]:
+    """One metric summed per value of ``label``."""
+    out: dict[str, int] = {}
+    for rest, value in counted(counters, name, **labels).items():
+        have = dict(pair.split("=", 1) for pair in rest.split(",") if pair)
+        key = have.get(label, "")
+        out[key] = out.get(key, 0) + round(value)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Shadow suite: shadowed throughput vs nginx mirror, a hanging shadow, comparison cost
+# ----------------------------------------------------------------------------------------
+
+# The hanging-shadow cases: every user on legacy, the candidate hangs (or not).
+HANG_CASES = (
+    # (key, label, shadow, candidate hangs)
+    ("hang-off", "shadow = 0 (same config)", 0.0, True),
+    ("hang-hanging", "shadow = 1.0, candidate hangs", 1.0, True),
+    ("hang-healthy", "shadow = 1.0, candidate healthy (reference)", 1.0, False),
+)
+
+
+@dataclass
+class ShadowResults:
+    paths: list[PathInfo] = field(default_factory=list)
+    measurements: list[Measurement] = field(default_factory=list)  # shadowed throughput
+    hang: list[Measurement] = field(default_factory=list)  # path = a HANG_CASES key
+    hang_labels: dict[str, str] = field(default_factory=dict)
+    cost: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_shadow_paths(settings: Settings) -> list[PathInfo]:
+    plan = [PathInfo("nginx-mirror", "nginx split_clients + mirror ({workers} workers)")]
+    for w in settings.strangler_workers:
+        plan.append(
+            PathInfo(
+                f"strangler-shadow-w{w}",
+                f"strangler shadow = 1.0 ({w} worker{'s' if w > 1 else ''})",
+                w,
+                setup=StranglerSetup(workers=w, shadow=1.0),
+            )
+        )
+    return plan
+
+
+def shadow_probe(info: PathInfo, backend_ports: dict[str, int]) -> Probe:
+    """Counters around a loaded window: the backends' own request and shadow counts, and
+    strangler's metrics when the path is strangler."""
+    if info.admin_port:
+        admin = info.admin_port
+        return lambda: scrape(admin) | backend_stats(backend_ports)
+    return lambda: backend_stats(backend_ports)
+
+
+def established(port: int) -> int:
+    """TCP connections established to a local listening port right now (IPv4 loopback)."""
+    count = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                count += 1
+    return count
+
+
+def shadow_traffic(counters: dict[str, float]) -> int:
+    return round(sum(v for k, v in counters.items() if k.startswith("backend_shadow_requests")))
+
+
+def run_shadow_suite(
+    settings: Settings,
+    supervisor: Supervisor,
+    workdir: Path,
+    backend_ports: dict[str, int],
+    backends: list[int],
+    strangler_problem: str,
+    meta: dict[str, Any],
+    log: Callable[[str], None],
+) -> ShadowResults:
+    results = ShadowResults(paths=plan_shadow_paths(settings))
+    for info in results.paths:
+        try:
+            if info.key.startswith("strangler") and strangler_problem:
+                raise BenchError(strangler_problem)
+            before = backend_stats(backend_ports)
+            ports, proxy = open_path(info, supervisor, workdir, backend_ports, "")
+            if info.key in NGINX_TUNING:
+                meta["nginx_workers"] = meta["nginx_workers"] or info.processes
+            probe = shadow_probe(info, backend_ports)
+            mirrored = shadow_traffic(delta(before, settled(probe)))
+            if mirrored == 0:
+                raise BenchError("no shadow request reached the other backend during the check")
+            groups = {"backends": backends} | ({"proxy": [proxy]} if proxy else {})
+            log(f"{info.label}: ports {ports}, split {info.split}, {mirrored} shadow requests")
+            for workload in SHADOW_WORKLOADS:
+                results.measurements.append(
+                    measure_quietly(
+                        functools.partial(
+                            measure_once,
+                            settings,
+                            supervisor,
+                            groups,
+                            info.key,
+                            workload,
+                            ports,
+                            probe,
+                        ),
+                        log,
+                    )
+                )
+                summary = shadow_summary(results.measurements[-1])
+                log(f"    {summary}")
+        except BenchError as error:
+            info.available = False
+            info.reason = str(error).strip().splitlines()[0]
+            log(f"{info.label}: not measured: {error}")
+        finally:
+            supervisor.stop(info.key)
+    if strangler_problem:
+        results.notes.append(f"hanging-shadow case not measured: {strangler_problem}")
+    else:
+        run_hanging_cases(settings, supervisor, workdir, backend_ports, backends, results, log)
+    results.cost = compare_cost(log)
+    return results
+
+
+def run_hanging_cases(
+    settings: Settings,
+    supervisor: Supervisor,
+    workdir: Path,
+    backend_ports: dict[str, int],
+    backends: list[int],
+    results: ShadowResults,
+    log: Callable[[str], None],
+) -> None:
+    """The primary's latency at a fixed moderate load with shadow = 0, with every exchange
+    shadowed on a candidate that never answers, and (for reference) on a healthy one."""
+    hanging_port = free_port()
+    hanging = start_backends(supervisor, workdir, {"hanging": hanging_port}, hang=True)
+    groups_backends = backends + hanging
+    shadow_settings = tuple(HANG_SHADOW.items())
+    legacy_only = {"legacy": backend_ports["legacy"]}
+    try:
+        for round_ in range(settings.hang_rounds):
+            for key, label, shadow, hangs in HANG_CASES:
+                results.hang_labels[key] = label
+                name = f"{key}-{round_ + 1}"
+                candidate = hanging_port if hangs else backend_ports["candidate"]
+                ports = {"legacy": backend_ports["legacy"], "candidate": candidate}
+                setup = StranglerSetup(rollout=0, shadow=shadow, shadow_settings=shadow_settings)
+                try:
+                    pgid, port, admin = start_strangler(supervisor, workdir, name, ports, setup)
+                    sanity_check(port, name, expect_header=True)
+
+                    def probe(admin: int = admin) -> dict[str, float]:
+                        held = {"gauge_hanging_connections": float(established(hanging_port))}
+                        return scrape(admin) | backend_stats(legacy_only) | held
+
+                    groups = {"backends": groups_backends, "proxy": [pgid]}
+                    log(f"{label} (round {round_ + 1}): port {port}")
+                    for workload in settings.hang_workloads:
+                        url = f"http://127.0.0.1:{port}"
+                        measurement = measure_quietly(
+                            functools.partial(
+                                measure_paced,
+                                settings,
+                                supervisor,
+                                groups,
+                                key,
+                                workload,
+                                url,
+                                probe,
+                            ),
+                            log,
+                        )
+                        results.hang.append(measurement)
+                        log(f"    {shadow_summary(measurement)}")
+                except BenchError as error:
+                    results.notes.append(f"{label}: not measured: {error}".splitlines()[0])
+                    log(f"{label}: not measured: {error}")
+                finally:
+                    supervisor.stop(name)
+    finally:
+        supervisor.stop("backend-hanging")
+
+
+def compare_cost(log: Callable[[str], None]) -> dict[str, Any]:
+    """``bench/compare_cost.py`` in a fresh interpreter, with nothing else running."""
+    argv = [PYTHON, str(BENCH_DIR / "compare_cost.py"), "--json"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=180, cwd=REPO_DIR)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log(f"compare_cost.py failed: {error}")
+        return {"error": str(error)}
+    line = next((x for x in done.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
+    if done.returncode != 0 or line is None:
+        reason = (done.stdout + done.stderr).strip().splitlines()[-1:] or [
+            f"exit {done.returncode}"
+        ]
+        log(f"compare_cost.py failed: {reason[0]}")
+        return {"error": reason[0]}
+    cost: dict[str, Any] = json.loads(line[len("BENCH_JSON ") :])
+    log(
+        f"comparing one five-event turn: {cost['match_us']:.1f} µs "
+        f"(decode {cost['decode_two_us']:.1f}, normalise {cost['normalise_two_us']:.1f}, "
+        f"compare {cost['compare_us']:.1f})"
+    )
+    return cost
+
+
+def shadow_summary(m: Measurement) -> dict[str, Any]:
+    """What the counters say about one loaded window's shadows."""
+    counters = m.counters
+    route = ROUTE_OF_WORKLOAD[m.workload]
+    summary: dict[str, Any] = {
+        "requests": m.requests,
+        "backend_shadow_requests": shadow_traffic(counters),
+    }
+    if "gauge_hanging_connections" in counters:
+        summary["hanging_connections"] = round(counters["gauge_hanging_connections"])
+    if not any(key.startswith("strangler_") for key in counters):
+        return summary
+    requests = counted_by(counters, "strangler_requests", "role", route=route)
+    comparisons = counted_by(counters, "strangler_comparisons", "outcome", route=route)
+    summary |= {
+        "primary": requests.get("primary", 0),
+        "shadow": requests.get("shadow", 0),
+        "comparisons": comparisons,
+        "compared": sum(comparisons.values()),
+        "dropped": counted_by(counters, "strangler_shadow_dropped", "reason", route=route),
+        "divergences": counted_by(counters, "strangler_divergences", "kind", route=route),
+        "contract_violations": sum(
+            round(v)
+            for v in counted(counters, "strangler_contract_violations", route=route).values()
+        ),
+    }
+    return summary
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def hang_figures(results: ShadowResults, workload: str, key: str) -> Measurement | None:
+    """One hanging-shadow case over its rounds: the median of each figure."""
+    runs = [m for m in results.hang if m.workload == workload and m.path == key]
+    if not runs:
+        return None
+    if len(runs) == 1:
+        return runs[0]
+    return Measurement(
+        workload,
+        key,
+        runs[0].unit,
+        rate=median([m.rate for m in runs]),
+        p50_ms=median([m.p50_ms for m in runs]),
+        p90_ms=median([m.p90_ms for m in runs]),
+        p99_ms=median([m.p99_ms for m in runs]),
+        requests=round(median([float(m.requests) for m in runs])),
+        # Counters per round, on average.
+        counters={
+            k: sum(m.counters.get(k, 0.0) for m in runs) / len(runs)
+            for r in runs
+            for k in r.counters
+        },
+    )
+
+
+def evaluate_shadow_targets(settings: Settings, results: ShadowResults) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for key, workload, description, threshold in SHADOW_TARGETS:
+        nginx = find(results.measurements, workload, "nginx-mirror")
+        for info in results.paths:
+            if not info.key.startswith("strangler") or not info.available:
+                continue
+            value = ratio(find(results.measurements, workload, info.key), nginx)
+            if value is not None:
+                rows.append(
+                    {
+                        "target": key,
+                        "description": description,
+                        "path": info.key,
+                        "threshold": threshold,
+                        "value": value,
+                        "met": value >= threshold,
+                    }
+                )
+    for workload in settings.hang_workloads:
+        off = hang_figures(results, workload, "hang-off")
+        hanging = hang_figures(results, workload, "hang-hanging")
+        if off is None or hanging is None or not off.p99_ms:
+            continue
+        change = hanging.p99_ms / off.p99_ms - 1
+        rows.append(
+            {
+                "target": f"{workload}_hang_p99",
+                "description": f"{workload.upper()} primary p99 with a hanging shadow backend "
+                f"moves < {HANG_P99_TARGET:.0%} vs shadow = 0",
+                "path": "hang-hanging",
+                "threshold": HANG_P99_TARGET,
+                "value": change,
+                "met": abs(change) < HANG_P99_TARGET,
+            }
+        )
+    if "match_us" in results.cost:
+        rows.append(
+            {
+                "target": "compare_cost",
+                "description": "Decode + normalise + compare one five-event turn "
+                f"<= {COMPARE_COST_TARGET_US:g} µs",
+                "path": "adapters",
+                "threshold": COMPARE_COST_TARGET_US,
+                "value": results.cost["match_us"],
+                "met": results.cost["match_us"] <= COMPARE_COST_TARGET_US,
+            }
+        )
+    return rows
+
+
+def shadow_document(results: ShadowResults, targets: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "paths": [asdict(info) for info in results.paths],
+        "measurements": [asdict(m) | {"shadow": shadow_summary(m)} for m in results.measurements],
+        "hang": [asdict(m) | {"shadow": shadow_summary(m)} for m in results.hang],
+        "hang_labels": results.hang_labels,
+        "compare_cost": results.cost,
+        "targets": targets,
+        "notes": results.notes,
+    }
+
+
+def fmt_counts(counts: dict[str, int]) -> str:
+    shown = {k: v for k, v in sorted(counts.items()) if v}
+    return ", ".join(f"{k} {v:,}" for k, v in shown.items()) if shown else "0"
+
+
+def shadow_report(
+    settings: Settings,
+    meta: dict[str, Any],
+    results: ShadowResults,
+    routing: list[Measurement],
+    routing_paths: list[PathInfo],
+    targets: list[dict[str, Any]],
+) -> str:
+    labels = {info.key: info.label for info in results.paths}
+    routing_labels = {info.key: info.label for info in routing_paths if info.available}
+    measured = [info for info in results.paths if info.available]
+    out = [
+        "## Benchmark: shadow runs (strangler shadow = 1.0 + comparison vs nginx mirror)",
+        "",
+        f"{meta['machine']}; {meta['nginx']}; {meta['wrk']}; CPU pinning: {meta['pinning']}.",
+        "strangler: `shadow = 1.0` on the JSON and NDJSON routes (JSON: `shadow_methods` "
+        "adds POST), every exchange also run on the other backend and compared with the "
+        "demo's rules (`ignore` timestamp/seq/duration_ms, `canonical_ids` run_id and "
+        "tool_call_id, `coalesce` agent_thinking, `presence_only` text; NDJSON also checks "
+        "the contract), `[shadow]` defaults (`max_concurrent = 256`, 256 connections, "
+        "`timeout = 30`). nginx: the same `split_clients` plus `mirror` of every request, "
+        "body included, to the other upstream (nginx compares nothing). "
+        f"wrk, {settings.connections} connections / {settings.threads} threads for "
+        f"{settings.duration:g} s after {settings.warmup:g} s warm-up, then 1 connection.",
+        "",
+        "| workload | path | throughput | p50 | p99 | p50 at 1 client | vs nginx + mirror "
+        "| vs same proxy without shadow |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for workload in SHADOW_WORKLOADS:
+        nginx = find(results.measurements, workload, "nginx-mirror")
+        for info in measured:
+            m = find(results.measurements, workload, info.key)
+            if m is None:
+                continue
+            plain_key = "nginx" if info.key == "nginx-mirror" else f"strangler-w{info.workers}"
+            plain = find(routing, workload, plain_key) if plain_key in routing_labels else None
+            versus = ratio(m, nginx) if info.key != "nginx-mirror" else None
+            out.append(
+                f"| {workload} | {labels[m.path]} | {fmt_rate(m.rate)} {m.unit} "
+                f"| {m.p50_ms:.2f} ms | {m.p99_ms:.2f} ms | {m.p50_one_client_ms:.3f} ms "
+                f"| {fmt_ratio(versus)} | {fmt_ratio(ratio(m, plain))} |"
+            )
+    out += [
+        "",
+        '"vs same proxy without shadow": against the routing suite\'s run of the same '
+        "proxy (nginx without mirror, strangler with `shadow = 0`) in this report.",
+        "",
+        "### Shadows and comparisons in the 50-client window",
+        "",
+        "| workload | path | requests | shadow requests at the backends | compared "
+        "| match | mismatch | ignored or error | contract violations "
+        "| shadows dropped (reason) | compared / requests |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for m in results.measurements:
+        summary = shadow_summary(m)
+        if "primary" in summary:
+            outcomes = summary["comparisons"]
+            share = summary["compared"] / summary["primary"] if summary["primary"] else 0.0
+            other = outcomes.get("ignored", 0) + outcomes.get("error", 0)
+            out.append(
+                f"| {m.workload} | {labels[m.path]} | {summary['primary']:,} "
+                f"| {summary['backend_shadow_requests']:,} | {summary['compared']:,} "
+                f"| {outcomes.get('match', 0):,} | {outcomes.get('mismatch', 0):,} | {other:,} "
+                f"| {summary['contract_violations']:,} | {fmt_counts(summary['dropped'])} "
+                f"| {share:.1%} |"
+            )
+        else:
+            out.append(
+                f"| {m.workload} | {labels[m.path]} | {m.requests:,} "
+                f"| {summary['backend_shadow_requests']:,} | — | — | — | — | — "
+                "| — (nginx compares nothing) | — |"
+            )
+    out += [
+        "",
+        "strangler's figures are deltas of its admin `/metrics` "
+        '(`strangler_requests_total{role="primary"}`, `strangler_comparisons_total`, '
+        "`strangler_shadow_dropped_total`) over the window, read once the shadows still in "
+        "flight have finished; the shadow requests are the backends' own count of requests "
+        "carrying `X-Strangler-Shadow`. A shadow is dropped, never queued, when "
+        "`[shadow] max_concurrent` shadows are already running: the primary is never slowed. "
+        '"ignored": the client left before the primary ended (wrk stopping), so there is '
+        "nothing to compare.",
+    ]
+    mismatches = [
+        (m, shadow_summary(m)) for m in results.measurements if shadow_summary(m).get("divergences")
+    ]
+    for m, summary in mismatches:
+        out.append(
+            f"Divergences, {m.workload} via {labels[m.path]}: {fmt_counts(summary['divergences'])}."
+        )
+    out += hang_report(settings, results)
+    out += cost_report(results.cost)
+    out += [
+        "",
+        "### Where the CPU goes, shadow runs (percent of one core; 200 % = both)",
+        "",
+        "| workload | path | load generator | proxy | backends | other | machine |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    rows = [(m, labels[m.path]) for m in results.measurements]
+    rows += [(m, results.hang_labels.get(m.path, m.path)) for m in results.hang]
+    for m, label in rows:
+        cpu = m.cpu_percent
+        out.append(
+            f"| {m.workload} | {label} | {cpu.get('loadgen', 0):.0f} % | "
+            f"{cpu.get('proxy', 0):.0f} % | {cpu.get('backends', 0):.0f} % "
+            f"| {cpu.get('other', 0):.0f} % | {cpu.get('machine', 0):.0f} % |"
+        )
+    if targets:
+        out += [
+            "",
+            "### Targets (shadow runs)",
+            "",
+            "| target | path | measured | met |",
+            "| --- | --- | ---: | --- |",
+        ]
+        names = labels | {"hang-hanging": "strangler, hanging shadow", "adapters": "adapters"}
+        for row in targets:
+            if row["target"] == "compare_cost":
+                measured_text = f"{row['value']:.1f} µs"
+            elif row["target"].endswith("_hang_p99"):
+                measured_text = f"{row['value']:+.1%}"
+            else:
+                measured_text = f"{row['value']:.2f}"
+            out.append(
+                f"| {row['description']} | {names.get(row['path'], row['path'])} "
+                f"| {measured_text} | {'yes' if row['met'] else '**no**'} |"
+            )
+    notes = [f"{info.label}: {note}" for info in results.paths for note in info.notes]
+    notes += [
+        f"{info.label}: not measured: {info.reason}" for info in results.paths if not info.available
+    ]
+    notes += results.notes
+    notes += [
+        f"{m.workload} via {labels.get(m.path, results.hang_labels.get(m.path, m.path))}: "
+        + "; ".join(m.notes)
+        for m in results.measurements + results.hang
+        if m.notes
+    ]
+    notes += [
+        f"{m.workload} via {labels.get(m.path, results.hang_labels.get(m.path, m.path))}: "
+        f"errors {m.errors}"
+        for m in results.measurements + results.hang
+        if m.errors
+    ]
+    if notes:
+        out += ["", "### Notes (shadow runs)", ""] + [f"- {note}" for note in notes]
+    return "\n".join(out) + "\n"
+
+
+def hang_report(settings: Settings, results: ShadowResults) -> list[str]:
+    if not results.hang:
+        return []
+    rounds = settings.hang_rounds
+    out = [
+        "",
+        "### A hanging shadow backend does not hurt the primary",
+        "",
+        f"Every user on legacy (rollout 0 %), every exchange shadowed on the candidate "
+        f"(`shadow = 1.0`), which accepts connections and never answers; `[shadow] timeout = "
+        f"{HANG_SHADOW['timeout']:g}`, `connections = {HANG_SHADOW['connections']}`, "
+        f"`max_concurrent = {HANG_SHADOW['max_concurrent']}`; 1 strangler worker. Fixed "
+        f"moderate load: wrk, {settings.hang_connections} connections each pausing "
+        f"{settings.hang_think_ms} ms between requests, {settings.hang_duration:g} s after "
+        f"{settings.hang_warmup:g} s warm-up (past the first shadow timeouts)"
+        + (f"; median of {rounds} interleaved rounds." if rounds > 1 else "."),
+        "",
+        "| workload | case | throughput | p50 | p90 | p99 | shadows run | compared "
+        "| shadows dropped (reason) | connections held by the hanging backend "
+        "| p99 vs shadow = 0 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    hanging_notes: list[str] = []
+    for workload in settings.hang_workloads:
+        off = hang_figures(results, workload, "hang-off")
+        for key, label, _, hangs in HANG_CASES:
+            m = hang_figures(results, workload, key)
+            if m is None:
+                continue
+            summary = shadow_summary(m)
+            change = (
+                f"{m.p99_ms / off.p99_ms - 1:+.1%}"
+                if off is not None and off.p99_ms and key != "hang-off"
+                else ""
+            )
+            held = summary.get("hanging_connections", 0) if hangs else None
+            out.append(
+                f"| {workload} | {label} | {fmt_rate(m.rate)} {m.unit} | {m.p50_ms:.3f} ms "
+                f"| {m.p90_ms:.3f} ms | {m.p99_ms:.3f} ms | {summary.get('shadow', 0):,} "
+                f"| {summary.get('compared', 0):,} | {fmt_counts(summary.get('dropped', {}))} "
+                f"| {'—' if held is None else f'{held:,}'} | {change} |"
+            )
+            if key == "hang-hanging" and summary.get("compared"):
+                hanging_notes.append(
+                    f"{workload}: the {summary['compared']:,} shadows that ran and timed out "
+                    f"were compared as mismatches (divergences: "
+                    f"{fmt_counts(summary['divergences'])}) and counted as "
+                    f"{summary['contract_violations']:,} candidate contract violations."
+                )
+    out += [
+        "",
+        "With the candidate hanging, the shadows that start wait for a connection or an "
+        "answer until the timeout (`timeout` dropped, compared as a `timeout` divergence); "
+        "meanwhile `max_concurrent` is full and the rest are dropped at once "
+        "(`concurrency`). The primary has its own pool and never waits for a shadow. "
+        '"connections held": established connections to the hanging backend at the end of '
+        "the window (the shadow pool's `connections` bound).",
+        *(["", *hanging_notes] if hanging_notes else []),
+    ]
+    return out
+
+
+def cost_report(cost: dict[str, Any]) -> list[str]:
+    if "match_us" not in cost:
+        return ["", f"Comparison cost not measured: {cost.get('error', 'unknown')}"] if cost else []
+    return [
+        "",
+        "### Cost of comparing one five-event turn (`bench/compare_cost.py`, timeit)",
+        "",
+        f"One turn, agent_started … agent_completed, {cost['bytes_per_side']:,} bytes of NDJSON "
+        "per side (uuid ids, ISO timestamps, tool arguments and result), legacy and candidate "
+        "differing in ids, timestamps, duration and thinking text; demo normalisation rules. "
+        f"Median of {cost['repeat']} runs of {cost['number']:,} calls, Python {cost['python']}.",
+        "",
+        "| step | µs per turn |",
+        "| --- | ---: |",
+        f"| decode + normalise + compare, both sides, matching turn | {cost['match_us']:.1f} |",
+        f"| &nbsp;&nbsp;decode both sides (`NdjsonDecoder`, one feed per line) "
+        f"| {cost['decode_two_us']:.1f} |",
+        f"| &nbsp;&nbsp;normalise both sides (`Normaliser`) | {cost['normalise_two_us']:.1f} |",
+        f"| &nbsp;&nbsp;compare (`compare`, equal fast path) | {cost['compare_us']:.1f} |",
+        f"| decode + normalise + compare, a changed tool result (mismatch) "
+        f"| {cost['mismatch_us']:.1f} |",
+        f"| contract check of both sides (`Contract.check`) | {cost['contract_two_us']:.1f} |",
+    ]
 
 
 # ----------------------------------------------------------------------------------------
@@ -1083,14 +1965,36 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument(
         "--strangler-workers", default="1,2", help="[server] workers values to measure"
     )
+    parser.add_argument(
+        "--suite",
+        default="all",
+        choices=("routing", "shadow", "all"),
+        help="routing: direct / nginx / strangler without shadows; shadow: shadowed "
+        "throughput vs nginx mirror, a hanging shadow backend, comparison cost; all: both",
+    )
+    parser.add_argument(
+        "--hang-connections", type=int, default=10, help="hanging-shadow case: connections"
+    )
+    parser.add_argument(
+        "--hang-think-ms", type=int, default=5, help="hanging-shadow case: pause per request"
+    )
+    parser.add_argument("--hang-duration", type=float, default=8.0)
+    parser.add_argument(
+        "--hang-workloads", default="ndjson", help="comma list of json, ndjson (hanging case)"
+    )
+    parser.add_argument(
+        "--hang-rounds", type=int, default=1, help="repeat the hanging-shadow cases, interleaved"
+    )
     parser.add_argument("--quick", action="store_true", help="short windows, for a smoke run")
     parser.add_argument("--no-install", action="store_true", help="never call apt-get")
     parser.add_argument("--keep-temp", action="store_true", help="keep configs and logs")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.json")
     args = parser.parse_args(argv)
+    hang_warmup = HANG_SHADOW["timeout"] + 1.0  # past the first shadow timeouts
     if args.quick:
         args.duration, args.warmup, args.latency_duration = 2.0, 1.0, 1.0
         args.ws_duration, args.ws_latency_duration = 2.0, 1.0
+        args.hang_duration = 2.0
     workloads = tuple(w for w in args.workloads.split(",") if w)
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
@@ -1099,6 +2003,10 @@ def parse_args(argv: list[str] | None) -> Settings:
     unknown = [p for p in paths if p not in ALL_PATHS]
     if unknown:
         parser.error(f"unknown path(s): {', '.join(unknown)}")
+    hang_workloads = tuple(w for w in args.hang_workloads.split(",") if w)
+    unknown = [w for w in hang_workloads if w not in SHADOW_WORKLOADS]
+    if unknown:
+        parser.error(f"unknown hang workload(s): {', '.join(unknown)}")
     return Settings(
         duration=args.duration,
         warmup=args.warmup,
@@ -1115,6 +2023,13 @@ def parse_args(argv: list[str] | None) -> Settings:
         install=not args.no_install,
         keep_temp=args.keep_temp,
         output=args.output,
+        suites=SUITES if args.suite == "all" else (args.suite,),
+        hang_connections=args.hang_connections,
+        hang_think_ms=args.hang_think_ms,
+        hang_duration=args.hang_duration,
+        hang_warmup=hang_warmup,
+        hang_workloads=hang_workloads,
+        hang_rounds=max(1, args.hang_rounds),
     )
 
 
@@ -1158,7 +2073,7 @@ def open_path(
     strangler_problem: str,
 ) -> tuple[list[int], int | None]:
     """Start what the path needs and check it routes; the ports to load and the proxy's
-    process group (None for direct)."""
+    process group (None for direct). A strangler path's admin port goes to ``info``."""
     key = info.key
     if key == "direct":
         info.split = sanity_check(backend_ports["legacy"], key, expect_header=False)
@@ -1173,7 +2088,10 @@ def open_path(
     else:
         if strangler_problem:
             raise BenchError(strangler_problem)
-        pgid, port = start_strangler(supervisor, workdir, key, backend_ports, info.workers)
+        setup = info.setup or StranglerSetup(workers=info.workers)
+        pgid, port, info.admin_port = start_strangler(
+            supervisor, workdir, key, backend_ports, setup
+        )
         info.processes = len(group_members(pgid))
         if info.processes < info.workers:
             info.notes.append(
@@ -1186,17 +2104,20 @@ def open_path(
 
 def run_all(
     settings: Settings, meta: dict[str, Any], log: Callable[[str], None]
-) -> tuple[list[PathInfo], list[Measurement]]:
-    """Backends up once, then every path in turn, each stopped before the next starts."""
+) -> tuple[list[PathInfo], list[Measurement], ShadowResults | None]:
+    """Backends up once, then every path of every suite in turn, each stopped before the
+    next starts."""
     supervisor = Supervisor(settings.pin)
-    paths = plan_paths(settings)
+    paths = plan_paths(settings) if "routing" in settings.suites else []
     measurements: list[Measurement] = []
+    shadow: ShadowResults | None = None
     try:
         with workspace(settings.keep_temp) as workdir:
             backend_ports = {"legacy": free_port(), "candidate": free_port()}
             log(f"backends on {backend_ports}; work dir {workdir}")
             backends = start_backends(supervisor, workdir, backend_ports)
-            problem = strangler_runnable() if "strangler" in settings.paths else ""
+            wanted = "strangler" in settings.paths or "shadow" in settings.suites
+            problem = strangler_runnable() if wanted else ""
             for info in paths:
                 try:
                     ports, proxy = open_path(info, supervisor, workdir, backend_ports, problem)
@@ -1211,9 +2132,13 @@ def run_all(
                     log(f"{info.label}: not measured: {error}")
                 finally:
                     supervisor.stop(info.key)
+            if "shadow" in settings.suites:
+                shadow = run_shadow_suite(
+                    settings, supervisor, workdir, backend_ports, backends, problem, meta, log
+                )
     finally:
         supervisor.stop_all()
-    return paths, measurements
+    return paths, measurements, shadow
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1244,12 +2169,18 @@ def main(argv: list[str] | None = None) -> int:
         "background_cpu_percent": idle_check,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    paths, measurements = run_all(settings, meta, log)
+    paths, measurements, shadow = run_all(settings, meta, log)
 
     strangler_keys = [i.key for i in paths if i.key.startswith("strangler") and i.available]
     targets = evaluate_targets(measurements, strangler_keys)
+    shadow_targets = evaluate_shadow_targets(settings, shadow) if shadow is not None else []
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
-    report = markdown_report(settings, meta, paths, measurements, targets)
+    parts = []
+    if "routing" in settings.suites:
+        parts.append(markdown_report(settings, meta, paths, measurements, targets))
+    if shadow is not None:
+        parts.append(shadow_report(settings, meta, shadow, measurements, paths, shadow_targets))
+    report = "\n".join(parts)
     print(report)
     settings.output.parent.mkdir(parents=True, exist_ok=True)
     document = {
@@ -1259,6 +2190,7 @@ def main(argv: list[str] | None = None) -> int:
         "measurements": [asdict(m) for m in measurements],
         "comparisons": comparisons(measurements),
         "targets": targets,
+        "shadow": shadow_document(shadow, shadow_targets) if shadow is not None else None,
     }
     settings.output.write_text(json.dumps(document, indent=2) + "\n")
     settings.output.with_suffix(".md").write_text(report)

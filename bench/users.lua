@@ -6,8 +6,20 @@
 -- for POST), then cycles through them, so that nginx's split_clients and strangler's flag
 -- bucketing both see a spread of users while wrk spends no time building requests.
 -- done() prints a single "BENCH_JSON {...}" line that bench/run.py parses.
+--
+-- Pacing: with BENCH_THINK_MS set in the environment, every connection waits that many
+-- milliseconds after each response before sending its next request, so that a handful of
+-- connections makes a fixed, moderate load instead of saturating the proxy (latency is
+-- still measured from the request's first byte). Unset, no delay() exists and wrk runs
+-- flat out as before.
 
 local USERS_PER_THREAD = 1000
+local THINK_MS = tonumber(os.getenv("BENCH_THINK_MS") or "0") or 0
+if THINK_MS > 0 then
+   function delay()
+      return THINK_MS
+   end
+end
 local counter = 0
 local requests = {}
 local index = 0

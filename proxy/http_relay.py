@@ -377,7 +377,8 @@ async def run_http_shadow(
     recorder = Recorder(observation, route.protocol, route.settings.event_type_field)
     outcome = Outcome.SUCCESS
     try:
-        async with asyncio.timeout(shadows.timeout):
+        # A little jitter keeps shadows that started together from timing out together.
+        async with asyncio.timeout(shadows.timeout * random.uniform(0.9, 1.1)):
             upstream = await shadows.pool.request(
                 proxy.backend_urls[backend],
                 method,
@@ -390,7 +391,8 @@ async def run_http_shadow(
             async with upstream:
                 async for chunk in upstream:
                     recorder.feed(chunk, time.perf_counter())
-    except TimeoutError:
+    except (TimeoutError, UpstreamTimeout):
+        # Either the deadline or the pool (no slot, or no answer, in time).
         observation.timed_out = True
         outcome = Outcome.TIMEOUT
         shadows.drop(label, "timeout")
