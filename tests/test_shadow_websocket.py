@@ -40,22 +40,15 @@ def tagged_backend(name: str) -> web.Application:
     return app
 
 
-async def test_200_sessions_receive_only_their_primarys_frames_while_every_turn_is_compared(
-    aiohttp_server: ServerFactory, tmp_path: Path
-) -> None:
-    legacy = await aiohttp_server(tagged_backend("legacy"))
-    candidate = await aiohttp_server(tagged_backend("candidate"))
-    flags = write_flags(tmp_path / "flags.json", flags_document(rollout=50))
-    settings = Settings.model_validate(
+def tagged_settings(legacy: str, candidate: str, flags: Path, **route: object) -> Settings:
+    """One shadowed WebSocket route over the tagged backends."""
+    return Settings.model_validate(
         {
             "server": {"host": "127.0.0.1", "port": 0},
             "admin": {"host": "127.0.0.1", "port": 0},
-            "backends": {
-                "legacy": f"http://127.0.0.1:{legacy.port}",
-                "candidate": f"http://127.0.0.1:{candidate.port}",
-            },
+            "backends": {"legacy": legacy, "candidate": candidate},
             "flags": {"provider": "file", "file": flags},
-            "divergences": {"path": tmp_path / "divergences.sqlite3"},
+            "divergences": {"path": flags.parent / "divergences.sqlite3"},
             "routes": [
                 {
                     "name": "agent",
@@ -64,11 +57,25 @@ async def test_200_sessions_receive_only_their_primarys_frames_while_every_turn_
                     "flag": "ssot-dispatcher",
                     "shadow": 1.0,
                     "contract": TAGGED_CONTRACT,
-                    "user_field": "user_id",
-                    "compare": {"ignore": ["backend", "shadow"]},
+                    **route,
                 }
             ],
         }
+    )
+
+
+async def test_200_sessions_receive_only_their_primarys_frames_while_every_turn_is_compared(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    legacy = await aiohttp_server(tagged_backend("legacy"))
+    candidate = await aiohttp_server(tagged_backend("candidate"))
+    flags = write_flags(tmp_path / "flags.json", flags_document(rollout=50))
+    settings = tagged_settings(
+        f"http://127.0.0.1:{legacy.port}",
+        f"http://127.0.0.1:{candidate.port}",
+        flags,
+        user_field="user_id",
+        compare={"ignore": ["backend", "shadow"]},
     )
     server = ProxyServer(settings, registry=CollectorRegistry())
     await server.start()
@@ -168,25 +175,7 @@ async def test_a_shadow_connection_that_fails_is_counted_and_leaves_the_session_
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     flags = write_flags(tmp_path / "flags.json", flags_document(rollout=0))
-    settings = Settings.model_validate(
-        {
-            "server": {"host": "127.0.0.1", "port": 0},
-            "admin": {"host": "127.0.0.1", "port": 0},
-            "backends": {"legacy": f"http://127.0.0.1:{legacy.port}", "candidate": dead},
-            "flags": {"provider": "file", "file": flags},
-            "divergences": {"path": tmp_path / "divergences.sqlite3"},
-            "routes": [
-                {
-                    "name": "agent",
-                    "path": "/ws/agent",
-                    "protocol": "websocket",
-                    "flag": "ssot-dispatcher",
-                    "shadow": 1.0,
-                    "contract": TAGGED_CONTRACT,
-                }
-            ],
-        }
-    )
+    settings = tagged_settings(f"http://127.0.0.1:{legacy.port}", dead, flags)
     server = ProxyServer(settings, registry=CollectorRegistry())
     await server.start()
     try:
