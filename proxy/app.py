@@ -28,9 +28,10 @@ from proxy.admin import build_admin_app, refresh_rollout_gauges
 from proxy.context import Proxy
 from proxy.divergence_store import DivergenceStore
 from proxy.experiment import RouteExperiment
-from proxy.http_relay import error_response, relay_http
+from proxy.http_relay import relay_http, respond_error
 from proxy.metrics import Metrics
 from proxy.routing import UNROUTED, Backend, RouteTable, choose_backend
+from proxy.server import Handler, HttpServer, Request
 from proxy.settings import FlagSettings, Settings
 from proxy.shadow import ShadowRunner
 from proxy.upstream import UpstreamPool
@@ -60,11 +61,42 @@ def build_flag_provider(flags: FlagSettings) -> FlagProvider:
     )
 
 
-def build_handler(proxy: Proxy) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+def build_handler(proxy: Proxy) -> Handler:
     """The proxy listener's one handler: route, decide, relay.
 
-    It runs on aiohttp's low-level server: every path is proxied, so an application
-    router and its middleware chain would only add work to each request.
+    Every path is proxied, so there is no application router: the lean server of
+    ``proxy.server`` calls this for each request. WebSocket upgrades are handed over to
+    aiohttp's server (``build_upgrade_handler``) with their connection.
+    """
+    routes = proxy.routes
+    flags = proxy.flags
+    identity_header = proxy.identity_header.lower()
+
+    async def handle(request: Request) -> None:
+        route = routes.match(request.path)
+        user_id = request.header(identity_header) or None
+        backend = choose_backend(route, user_id, flags.is_enabled)
+        if request.upgrade:
+            if proxy.draining:
+                label = route.name if route is not None else UNROUTED
+                respond_error(
+                    request, 503, "shutting_down", "the proxy is draining", backend, label
+                )
+                return
+            request.hand_off()
+            return
+        await relay_http(request, proxy, route, backend, user_id)
+
+    return handle
+
+
+def build_upgrade_handler(
+    proxy: Proxy,
+) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    """The handler of the connections handed over for a WebSocket session.
+
+    Such a connection serves its one session (or the answer refusing it) and is
+    closed: nothing else is read from it by aiohttp.
     """
     routes = proxy.routes
     flags = proxy.flags
@@ -74,12 +106,16 @@ def build_handler(proxy: Proxy) -> Callable[[web.BaseRequest], Awaitable[web.Str
         route = routes.match(request.path)
         user_id = request.headers.get(identity_header) or None
         backend = choose_backend(route, user_id, flags.is_enabled)
-        label = route.name if route is not None else UNROUTED
-        if is_websocket_upgrade(request):
-            if proxy.draining:
-                return error_response(503, "shutting_down", "the proxy is draining", backend, label)
-            return await relay_websocket(request, proxy, route, backend, user_id)
-        return await relay_http(request, proxy, route, backend, user_id)
+        if not is_websocket_upgrade(request):
+            response: web.StreamResponse = web.json_response(
+                {"error": "bad_request", "detail": "a WebSocket handshake was expected"},
+                status=400,
+            )
+        else:
+            response = await relay_websocket(request, proxy, route, backend, user_id)
+        if not isinstance(response, web.WebSocketResponse):
+            response.force_close()
+        return response
 
     return handle
 
@@ -122,6 +158,8 @@ class ProxyServer:
         )
         self.proxy: Proxy | None = None
         self._runners: list[web.BaseRunner] = []
+        self._http: HttpServer | None = None
+        self._upgrades: web.Server | None = None
         self.proxy_port = 0
         self.admin_port = 0
 
@@ -200,16 +238,16 @@ class ProxyServer:
             self._gauges = asyncio.create_task(self._refresh_gauges(proxy))
         proxy_sock = _listen(server.host, server.port, reuse_port=self.worker)
         self.proxy_port = proxy_sock.getsockname()[1]
-        listener = web.ServerRunner(
-            web.Server(
-                build_handler(proxy),
-                handler_cancellation=True,
-                access_log=None,
-                max_field_size=16384,
-            ),
-            shutdown_timeout=server.shutdown_grace,
+        self._upgrades = upgrades = web.Server(
+            build_upgrade_handler(proxy),
+            handler_cancellation=True,
+            access_log=None,
+            max_field_size=16384,
         )
-        await self._serve(listener, proxy_sock)
+        self._http = HttpServer(
+            build_handler(proxy), upgrades, keepalive_timeout=server.keepalive_timeout
+        )
+        await self._http.start(proxy_sock)
         log.info(
             "strangler listening on %s (admin %s), legacy %s, candidate %s, flags %s",
             self.proxy_url,
@@ -235,14 +273,21 @@ class ProxyServer:
         proxy = self.proxy
         if proxy is not None:
             proxy.draining = True
-        # Proxy listener first (it was started last), admin last so /readyz says why.
-        # Stop accepting, close WebSocket sessions with 1001 (new upgrades are refused
-        # while draining), then give HTTP exchanges in flight their grace period.
+        # Proxy listener first, admin last so /readyz says why. Stop accepting, close
+        # WebSocket sessions with 1001 (new upgrades are refused while draining), then
+        # give HTTP exchanges in flight their grace period.
+        if self._http is not None:
+            self._http.stop_accepting()
+            if proxy is not None:
+                await close_all(proxy)
+            await self._http.shutdown(self.settings.server.shutdown_grace)
+            self._http = None
+        if self._upgrades is not None:
+            await self._upgrades.shutdown(1.0)
+            self._upgrades = None
         for runner in reversed(self._runners):
             for site in list(runner.sites):
                 await site.stop()
-            if proxy is not None and runner is self._runners[-1]:
-                await close_all(proxy)
             await runner.cleanup()
         self._runners.clear()
         if self._gauges is not None:

@@ -4,10 +4,10 @@ The request body is read once, up to the configured limit (413 beyond it), befor
 backend is contacted, so an oversized upload never reaches a backend half-sent, and so
 the same bytes can be replayed to the shadow. The response is relayed as raw bytes
 (compressed bodies stay compressed) as the backend sends them, through the lean upstream
-pool of ``proxy.upstream``; ``write`` waits for the client to drain, and the upstream
-reader pauses when its buffer is full, so a slow reader holds back the backend instead
-of growing the proxy's memory. A client that goes away cancels the handler
-(``handler_cancellation``), which closes the upstream exchange at once.
+pool of ``proxy.upstream``, to the lean server of ``proxy.server``; ``write`` waits for
+the client to drain, and the upstream reader pauses when its buffer is full, so a slow
+reader holds back the backend instead of growing the proxy's memory. A client that goes
+away cancels the handler, which closes the upstream exchange at once.
 
 On a route with an experiment, a recorder decodes what the primary sends into events as
 it passes, without holding any of it back; the shadow runs concurrently on its own pool
@@ -25,8 +25,6 @@ import time
 from collections.abc import Sequence
 
 import orjson
-from aiohttp import web
-from multidict import CIMultiDict
 
 from adapters.events import Event
 from adapters.framing import NdjsonFramer, SseFramer
@@ -37,6 +35,7 @@ from proxy.headers import SHADOW_HEADER, downstream_response_headers, upstream_r
 from proxy.metrics import Outcome
 from proxy.observation import Observation, Recorder
 from proxy.routing import UNROUTED, Backend, Route
+from proxy.server import BadBody, BodyTooLarge, ClientGone, Request
 from proxy.shadow import shadow_backend, shadow_refusal
 from proxy.upstream import UpstreamError, UpstreamTimeout, UpstreamUnreachable
 
@@ -45,39 +44,21 @@ log = logging.getLogger("strangler.relay")
 Headers = Sequence[tuple[str, str]]
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_body(request: web.BaseRequest, limit: int) -> bytes:
-    """The whole request body, or BodyTooLarge once it passes ``limit`` bytes."""
-    if not request.body_exists:
-        return b""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise BodyTooLarge
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-def error_response(
-    status: int, error: str, detail: str, backend: Backend, route: str
-) -> web.Response:
+def error_body(
+    error: str, detail: str, backend: Backend, route: str
+) -> tuple[list[tuple[str, str]], bytes]:
+    """The headers and JSON body of an answer the proxy gives itself."""
     body = orjson.dumps(
         {"error": error, "detail": detail, "backend": backend.value, "route": route}
     )
-    return web.Response(
-        status=status,
-        body=body,
-        content_type="application/json",
-        headers={"X-Strangler-Backend": backend.value},
-    )
+    return [("Content-Type", "application/json"), ("X-Strangler-Backend", backend.value)], body
+
+
+def respond_error(
+    request: Request, status: int, error: str, detail: str, backend: Backend, route: str
+) -> None:
+    headers, body = error_body(error, detail, backend, route)
+    request.respond(status, "", headers, body)
 
 
 def outcome_of_status(status: int) -> Outcome:
@@ -93,7 +74,7 @@ class _Exchange:
 
     def __init__(
         self,
-        request: web.BaseRequest,
+        request: Request,
         proxy: Proxy,
         route: Route | None,
         backend: Backend,
@@ -114,28 +95,37 @@ class _Exchange:
         self.recorder: Recorder | None = None
         self.primary_done: asyncio.Future[Observation] | None = None
 
-    async def run(self) -> web.StreamResponse:
+    async def run(self) -> None:
         proxy, label, backend = self.proxy, self.label, self.backend
+        request = self.request
         outcome = Outcome.CLIENT_CLOSED
         try:
             try:
-                body = await read_body(self.request, proxy.settings.server.max_body_bytes)
+                body = await request.read_body(proxy.settings.server.max_body_bytes)
             except BodyTooLarge:
                 outcome = Outcome.TOO_LARGE
                 limit = proxy.settings.server.max_body_bytes
-                return error_response(
-                    413, "request_too_large", f"request body over {limit} bytes", backend, label
+                respond_error(
+                    request,
+                    413,
+                    "request_too_large",
+                    f"request body over {limit} bytes",
+                    backend,
+                    label,
                 )
+                return
+            except BadBody as exc:
+                outcome = Outcome.CLIENT_ERROR
+                respond_error(request, 400, "bad_request", str(exc), backend, label)
+                return
             headers = upstream_request_headers(
-                self.request.headers.items(),
-                client_ip=self.request.remote,
-                proto=self.request.scheme,
-                host=self.request.host,
+                request.headers, client_ip=request.remote, proto=request.scheme, host=request.host
             )
             if self.experiment is not None and self.experiment.watches:
                 self._start_observing(headers, body)
-            response, outcome = await self._primary(headers, body)
-            return response
+            outcome = await self._primary(headers, body)
+        except ClientGone:
+            outcome = Outcome.CLIENT_CLOSED
         finally:
             proxy.metrics.count_request(label, backend.value, "primary", outcome.value)
             if outcome not in (Outcome.TOO_LARGE, Outcome.CLIENT_CLOSED):
@@ -175,7 +165,7 @@ class _Exchange:
                     experiment,
                     target,
                     self.request.method,
-                    self.request.raw_path,
+                    self.request.target,
                     headers,
                     body,
                     self.primary_done,
@@ -218,39 +208,41 @@ class _Exchange:
 
     # --- the primary exchange ---------------------------------------------------------
 
-    async def _primary(self, headers: Headers, body: bytes) -> tuple[web.StreamResponse, Outcome]:
+    async def _primary(self, headers: Headers, body: bytes) -> Outcome:
         proxy, backend, label = self.proxy, self.backend, self.label
         request = self.request
         try:
             upstream = await proxy.pool.request(
-                proxy.backend_urls[backend], request.method, request.raw_path, headers, body
+                proxy.backend_urls[backend], request.method, request.target, headers, body
             )
         except UpstreamUnreachable as exc:
-            return _failure(
-                502, "backend_unreachable", str(exc), backend, label, Outcome.UNREACHABLE
-            )
+            return self._fail(502, "backend_unreachable", str(exc), Outcome.UNREACHABLE)
         except UpstreamTimeout as exc:
             detail = str(exc) or "no response within the backend timeout"
-            return _failure(504, "backend_timeout", detail, backend, label, Outcome.TIMEOUT)
+            return self._fail(504, "backend_timeout", detail, Outcome.TIMEOUT)
         except UpstreamError as exc:
-            return _failure(502, "backend_error", str(exc), backend, label, Outcome.BROKEN)
+            return self._fail(502, "backend_error", str(exc), Outcome.BROKEN)
         except ValueError as exc:
             # A header the upstream client refuses to send (a control character, a
             # conflicting length): the request itself is malformed.
-            response = error_response(400, "bad_request", str(exc), backend, label)
-            return response, Outcome.CLIENT_ERROR
+            respond_error(request, 400, "bad_request", str(exc), backend, label)
+            return Outcome.CLIENT_ERROR
 
         recorder = self.recorder
         if recorder is not None:
             recorder.begin(upstream.status)
         metrics = proxy.metrics
         outcome = outcome_of_status(upstream.status)
-        response_headers = CIMultiDict(downstream_response_headers(upstream.headers, backend.value))
+        response_headers = downstream_response_headers(upstream.headers, backend.value)
         protocol = self.route.protocol if self.route is not None else "json"
         framed = self.user_field is not None and protocol in ("ndjson", "sse")
         if framed:
             # Withheld events shorten the body: its length is only known at the end.
-            response_headers.popall("Content-Length", None)
+            response_headers = [
+                (name, value)
+                for name, value in response_headers
+                if name.lower() != "content-length"
+            ]
         async with upstream:
             if upstream.complete or (self.user_field is not None and protocol == "json"):
                 # The whole body came with the head (or must be seen whole before it may
@@ -258,8 +250,8 @@ class _Exchange:
                 try:
                     parts = [chunk async for chunk in upstream]
                 except UpstreamError as exc:
-                    return _failure(502, "backend_error", str(exc), backend, label, Outcome.BROKEN)
-                payload = b"".join(parts)
+                    return self._fail(502, "backend_error", str(exc), Outcome.BROKEN)
+                payload = parts[0] if len(parts) == 1 else b"".join(parts)
                 now = time.perf_counter()
                 metrics.observe_first_event(label, backend.value, "primary", now - self.started)
                 if framed:
@@ -269,58 +261,69 @@ class _Exchange:
                 elif recorder is not None:
                     events = recorder.feed_last(payload, now)
                     if self.user_field is not None and self._withheld(events):
-                        response = error_response(
+                        respond_error(
+                            request,
                             502,
                             "isolation_violation",
                             "the backend's answer carried another user's data",
                             backend,
                             label,
                         )
-                        return response, Outcome.BROKEN
-                response = web.Response(
-                    status=upstream.status,
-                    reason=upstream.reason,
-                    headers=response_headers,
-                    body=payload or None,
-                )
-                return response, outcome
-            stream = web.StreamResponse(
-                status=upstream.status, reason=upstream.reason, headers=response_headers
-            )
-            await stream.prepare(request)
+                        return Outcome.BROKEN
+                request.respond(upstream.status, upstream.reason, response_headers, payload)
+                return outcome
+            first = await upstream.read_chunk() if upstream.buffered else b""
+            now = time.perf_counter()
+            if first:
+                metrics.observe_first_event(label, backend.value, "primary", now - self.started)
             framer = (NdjsonFramer() if protocol == "ndjson" else SseFramer()) if framed else None
-            first = True
+            if framer is not None:
+                request.start(
+                    upstream.status,
+                    upstream.reason,
+                    response_headers,
+                    b"".join(self._kept(framer.feed(first), now)),
+                )
+            else:
+                if recorder is not None and first:
+                    recorder.feed(first, now)
+                request.start(upstream.status, upstream.reason, response_headers, first)
+            seen = bool(first)
             try:
                 async for chunk in upstream:
                     now = time.perf_counter()
-                    if first:
+                    if not seen:
                         metrics.observe_first_event(
                             label, backend.value, "primary", now - self.started
                         )
-                        first = False
+                        seen = True
                     if framer is not None:
-                        await self._relay_frames(stream, framer.feed(chunk), now)
+                        await self._relay_frames(framer.feed(chunk), now)
                         continue
                     if recorder is not None:
                         recorder.feed(chunk, now)
-                    await stream.write(chunk)
+                    await request.write(chunk)
                 if framer is not None:
-                    await self._relay_frames(stream, framer.close(), time.perf_counter())
+                    await self._relay_frames(framer.close(), time.perf_counter())
             except UpstreamError as exc:
                 # The status line is gone already: the only honest signal left is to cut
                 # the client's connection so it cannot mistake a truncated body for whole.
                 log.warning("backend %s failed mid-response on route %s: %s", backend, label, exc)
-                if request.transport is not None:
-                    request.transport.close()
+                request.abort()
                 if recorder is not None:
                     recorder.observation.error = str(exc)
-                return stream, Outcome.BROKEN
-            if first:
+                return Outcome.BROKEN
+            if not seen:
                 metrics.observe_first_event(
                     label, backend.value, "primary", time.perf_counter() - self.started
                 )
-            await stream.write_eof()
-        return stream, outcome
+            await request.finish()
+        return outcome
+
+    def _fail(self, status: int, error: str, detail: str, outcome: Outcome) -> Outcome:
+        log.warning("route %s backend %s: %s (%s)", self.label, self.backend, error, detail)
+        respond_error(self.request, status, error, detail, self.backend, self.label)
+        return outcome
 
     def _kept(self, frames: list[bytes], now: float) -> list[bytes]:
         """The frames that may reach the client: each is recorded, another user's withheld."""
@@ -334,21 +337,19 @@ class _Exchange:
             kept.append(frame)
         return kept
 
-    async def _relay_frames(
-        self, stream: web.StreamResponse, frames: list[bytes], now: float
-    ) -> None:
+    async def _relay_frames(self, frames: list[bytes], now: float) -> None:
         for frame in self._kept(frames, now):
-            await stream.write(frame)
+            await self.request.write(frame)
 
 
 async def relay_http(
-    request: web.BaseRequest,
+    request: Request,
     proxy: Proxy,
     route: Route | None,
     backend: Backend,
     user_id: str | None = None,
-) -> web.StreamResponse:
-    return await _Exchange(request, proxy, route, backend, user_id).run()
+) -> None:
+    await _Exchange(request, proxy, route, backend, user_id).run()
 
 
 async def run_http_shadow(
@@ -417,10 +418,3 @@ async def run_http_shadow(
         metrics.observe_first_event(label, backend.value, "shadow", observation.first_event)
     primary = await primary_done
     experiment.conclude(primary, observation)
-
-
-def _failure(
-    status: int, error: str, detail: str, backend: Backend, route: str, outcome: Outcome
-) -> tuple[web.StreamResponse, Outcome]:
-    log.warning("route %s backend %s: %s (%s)", route, backend, error, detail)
-    return error_response(status, error, detail, backend, route), outcome

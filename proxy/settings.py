@@ -70,6 +70,7 @@ class ServerSettings(_Section):
     read_timeout: Seconds = 60.0
     upstream_connections: Annotated[int, Field(ge=1)] = 512
     shutdown_grace: Seconds = 20.0
+    keepalive_timeout: Seconds = 75.0
 
 
 class AdminSettings(_Section):

@@ -1,0 +1,778 @@
+"""The proxy listener's HTTP/1.1 server: a lean protocol on httptools (I/O).
+
+A proxy's server side does little with each request: parse the head, hand it on, write
+back what the backend says. aiohttp's server does much more per request (a request
+object with lazy URL parsing, a payload stream, a response object, a task per
+connection), which made up most of the proxy's CPU per exchange. This server keeps the
+part a proxy needs: llhttp's strict parsing through httptools (the parser uvicorn
+uses), keep-alive and pipelining (answered in order, one at a time), request bodies
+with a limit, ``Expect: 100-continue``, responses of known length, chunked or
+close-delimited, back-pressure on writes, cancellation of the handler when the client
+goes away, an idle timeout, and a graceful shutdown.
+
+WebSocket upgrades are handed over, connection and bytes, to aiohttp's server
+(``fallback``), which owns the connection from then on. CONNECT is refused (405); any
+other upgrade offer (``h2c``) is ignored and the request served as HTTP/1.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from http import HTTPStatus
+from typing import cast
+from urllib.parse import unquote
+
+import httptools
+import orjson
+
+log = logging.getLogger("strangler.server")
+
+Headers = list[tuple[str, str]]
+Handler = Callable[["Request"], Awaitable[None]]
+Fallback = Callable[[], asyncio.Protocol]
+
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 256
+LINGER_SECONDS = 5.0
+_WRITE_HIGH = 64 * 1024
+_NO_BODY_STATUS = frozenset({204, 304})
+_ENCODING = ("utf-8", "surrogateescape")
+
+
+class BodyTooLarge(Exception):
+    """The request body is over the limit the handler asked for."""
+
+
+class BadBody(Exception):
+    """The request body cannot be parsed (its framing is broken)."""
+
+
+class ClientGone(ConnectionError):
+    """The client closed the connection."""
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def _status_line(status: int, reason: str) -> str:
+    return f"HTTP/1.1 {status} {reason or _reason(status)}\r\n"
+
+
+def _header_block(headers: Sequence[tuple[str, str]]) -> str:
+    for name, value in headers:
+        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+            raise ValueError(f"header {name!r} has a line break")
+    return "".join([f"{name}: {value}\r\n" for name, value in headers])
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback to stop parsing with an answer."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+class Request:
+    """One request, and the one response it gets.
+
+    ``target`` is the request-target as sent (path and query, percent-encoding kept);
+    ``path`` is its path, percent-decoded, for routing. ``headers`` keep the client's
+    order, spelling and duplicates. Answer with ``respond`` (a whole body) or with
+    ``start``, ``write`` and ``finish`` (streamed); ``abort`` cuts the connection, the
+    only honest signal once a streamed response cannot be finished.
+    """
+
+    __slots__ = (
+        "_bad",
+        "_body",
+        "_body_done",
+        "_body_size",
+        "_conn",
+        "_continue",
+        "_framing",
+        "_head_only",
+        "_limit",
+        "_remaining",
+        "_waiter",
+        "finished",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "path",
+        "remote",
+        "rest",
+        "scheme",
+        "started",
+        "target",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(
+        self,
+        conn: _Connection,
+        method: str,
+        target: str,
+        version: str,
+        headers: Headers,
+        keep_alive: bool,
+    ) -> None:
+        self._conn = conn
+        self.method = method
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.remote = conn.remote
+        self.scheme = "http"
+        self.upgrade = False
+        self.rest = b""
+        self.started = False
+        self.finished = False
+        self._head_only = method == "HEAD"
+        self._framing = 0  # 0 length or none, 1 chunked, 2 until close
+        self._remaining = -1
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._body_done = False
+        self._bad: str | None = None
+        self._limit = -1
+        self._waiter: asyncio.Future[None] | None = None
+        self._continue = False
+        host = None
+        for name, value in headers:
+            lower = name.lower()
+            if lower == "host":
+                host = value
+            elif lower == "expect" and value.strip().lower() == "100-continue":
+                self._continue = True
+        if target.startswith(("http://", "https://")):
+            # Absolute form: the authority names the host, the rest is the target.
+            authority, slash, tail = target.partition("://")[2].partition("/")
+            host = authority or host
+            target = slash + tail if slash else "/"
+        self.host = host
+        self.target = target
+        path = target.split("?", 1)[0]
+        self.path = unquote(path) if "%" in path else path
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (lower-case), or None."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    # --- the body -------------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        self._body_size += len(data)
+        if self._limit < 0 or self._body_size <= self._limit:
+            self._body.append(data)
+        self._wake()
+
+    def _end(self) -> None:
+        self._body_done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole body; BodyTooLarge once it passes ``limit`` bytes, BadBody if its
+        framing is broken."""
+        length = self.header("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise BodyTooLarge
+        self._limit = limit
+        if self._body_size > limit:
+            raise BodyTooLarge
+        if self._continue and not self._body_done:
+            self._continue = False
+            self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        while not self._body_done:
+            if self._bad is not None:
+                raise BadBody(self._bad)
+            if self._conn.lost:
+                raise ClientGone("the client closed the connection")
+            self._waiter = self._conn.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+            if self._body_size > limit:
+                raise BodyTooLarge
+        body = self._body
+        if len(body) == 1:
+            return body[0]
+        return b"".join(body)
+
+    # --- the response ---------------------------------------------------------------
+
+    def respond(
+        self, status: int, reason: str, headers: Sequence[tuple[str, str]], body: bytes = b""
+    ) -> None:
+        """Answer with a whole body (its length is set here)."""
+        if self.started:
+            raise RuntimeError("the response has started")
+        self.started = True
+        # No body goes with a HEAD, 1xx, 204 or 304 answer: a Content-Length given
+        # describes the representation and stays; otherwise it is the body's own.
+        no_body = status in _NO_BODY_STATUS or status < 200 or self._head_only
+        framing = ("transfer-encoding",) if no_body else ("content-length", "transfer-encoding")
+        lines = [(name, value) for name, value in headers if name.lower() not in framing]
+        if not no_body:
+            lines.append(("Content-Length", str(len(body))))
+        head = self._head(status, reason, lines)
+        conn = self._conn
+        if body and not no_body:
+            conn.write(head + body)
+        else:
+            conn.write(head)
+        self.finished = True
+        conn.finished(self)
+
+    def start(
+        self, status: int, reason: str, headers: Sequence[tuple[str, str]], body: bytes = b""
+    ) -> None:
+        """Send the head of a streamed response, with the first ``body`` bytes if there
+        are some at hand (one write). With a Content-Length among the headers the body
+        must be exactly that long; without one it is chunked for HTTP/1.1 clients and
+        delimited by closing the connection for HTTP/1.0 ones."""
+        if self.started:
+            raise RuntimeError("the response has started")
+        self.started = True
+        lines = [(n, v) for n, v in headers if n.lower() != "transfer-encoding"]
+        no_body = status in _NO_BODY_STATUS or status < 200 or self._head_only
+        if no_body:
+            self._framing = 0
+            self._remaining = 0
+        else:
+            length = None
+            for name, value in lines:
+                if name.lower() == "content-length":
+                    length = value
+            if length is not None and length.strip().isdigit():
+                self._framing = 0
+                self._remaining = int(length)
+            elif self.version == "1.1":
+                lines = [(n, v) for n, v in lines if n.lower() != "content-length"]
+                lines.append(("Transfer-Encoding", "chunked"))
+                self._framing = 1
+            else:
+                lines = [(n, v) for n, v in lines if n.lower() != "content-length"]
+                self._framing = 2
+                self.keep_alive = False
+        head = self._head(status, reason, lines)
+        if body and not no_body:
+            self._conn.write(head + self._frame(body))
+        else:
+            self._conn.write(head)
+
+    def _frame(self, data: bytes) -> bytes:
+        framing = self._framing
+        if framing == 1:
+            return b"%x\r\n%b\r\n" % (len(data), data)
+        if framing == 0 and self._remaining >= 0:
+            if len(data) > self._remaining:
+                raise ValueError("more body than the Content-Length said")
+            self._remaining -= len(data)
+        return data
+
+    async def write(self, data: bytes) -> None:
+        """Send body bytes, waiting while the client's buffer is full."""
+        if not data or (self._remaining == 0 and self._framing == 0):
+            return
+        conn = self._conn
+        if conn.lost:
+            raise ClientGone("the client closed the connection")
+        conn.write(self._frame(data))
+        if conn.write_paused:
+            await conn.drain()
+
+    async def finish(self) -> None:
+        """End the streamed response."""
+        if self.finished:
+            return
+        conn = self._conn
+        if self._framing == 1 and not conn.lost:
+            conn.write(b"0\r\n\r\n")
+        elif self._framing == 0 and self._remaining > 0:
+            # Shorter than announced: the client must not wait for the rest.
+            self.abort()
+            return
+        self.finished = True
+        conn.finished(self)
+        if conn.write_paused:
+            await conn.drain()
+
+    def abort(self) -> None:
+        """Cut the connection at once."""
+        self._conn.abort()
+
+    def hand_off(self) -> None:
+        """Give the connection, with this request's bytes, to the fallback server."""
+        if self.started or not self.upgrade:
+            raise RuntimeError("only an unanswered upgrade request can be handed off")
+        self.started = self.finished = True
+        self._conn.hand_off(self)
+
+    def _head(self, status: int, reason: str, lines: list[tuple[str, str]]) -> bytes:
+        conn = self._conn
+        if not self.keep_alive or conn.closing or not self._body_done:
+            # (An answer before the whole body came ends the connection: see finished.)
+            self.keep_alive = False
+            lines.append(("Connection", "close"))
+        elif self.version == "1.0":
+            lines.append(("Connection", "keep-alive"))
+        return (_status_line(status, reason) + _header_block(lines) + "\r\n").encode(*_ENCODING)
+
+    def raw_head(self) -> bytes:
+        """The request head as it came (names and values as sent)."""
+        lines = [f"{self.method} {self.target} HTTP/{self.version}\r\n"]
+        lines.extend(f"{name}: {value}\r\n" for name, value in self.headers)
+        lines.append("\r\n")
+        return "".join(lines).encode(*_ENCODING)
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parse, queue, answer in order."""
+
+    __slots__ = (
+        "_active",
+        "_drain",
+        "_eof",
+        "_head_size",
+        "_headers",
+        "_lingering",
+        "_parser",
+        "_queue",
+        "_reading_paused",
+        "_request",
+        "_server",
+        "_task",
+        "_timer",
+        "_transport",
+        "_url",
+        "closing",
+        "loop",
+        "lost",
+        "remote",
+        "write_paused",
+    )
+
+    def __init__(self, server: HttpServer) -> None:
+        self._server = server
+        self.loop = server.loop
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self._url: list[bytes] = []
+        self._headers: Headers = []
+        self._head_size = 0
+        self._request: Request | None = None  # being parsed
+        self._queue: deque[Request] = deque()  # parsed, waiting their turn
+        self._active: Request | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self._eof = False
+        self._lingering: Request | None = None
+        self.write_paused = False
+        self.closing = False
+        self.lost = False
+
+    # --- transport callbacks --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) else None
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=_WRITE_HIGH)
+        self._server.connections.add(self)
+        if self._server.closing:
+            self.closing = True
+            transport.close()
+            return
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing and self._active is None and self._lingering is None:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgraded(data[exc.args[0] :])
+        except httptools.HttpParserCallbackError as exc:
+            refused = exc.__context__
+            if isinstance(refused, _Refused):
+                self._refuse(refused.status, str(refused))
+            else:
+                log.exception("request parsing failed", exc_info=refused)
+                self._refuse(400, "malformed request")
+        except httptools.HttpParserError as exc:
+            self._refuse(400, f"malformed request: {exc}")
+
+    def eof_received(self) -> bool | None:
+        # A client that closes its side has gone away as far as a proxy can tell (a
+        # half-close cannot be told from a close until a write fails): the transport
+        # closes, and connection_lost cancels the exchange under way.
+        self._eof = True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._server.connections.discard(self)
+        self._disarm()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        for request in (self._active, *self._queue, self._request):
+            if request is not None:
+                request._wake()
+        self._queue.clear()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        self._server.connection_gone()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # --- parser callbacks -----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = []
+        self._headers = []
+        self._head_size = 0
+        self._disarm()
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+        self._grow(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._grow(len(name) + len(value) + 4)
+        headers = self._headers
+        if len(headers) >= MAX_HEADERS:
+            raise _Refused(431, f"more than {MAX_HEADERS} header fields")
+        headers.append((name.decode(*_ENCODING), value.decode(*_ENCODING)))
+
+    def _grow(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > MAX_HEAD_BYTES:
+            raise _Refused(431, f"request head over {MAX_HEAD_BYTES} bytes")
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        url = self._url[0] if len(self._url) == 1 else b"".join(self._url)
+        method = parser.get_method().decode("ascii")
+        if method == "CONNECT":
+            raise _Refused(405, "CONNECT is not served here")
+        request = Request(
+            self,
+            method,
+            url.decode(*_ENCODING),
+            parser.get_http_version(),
+            self._headers,
+            parser.should_keep_alive(),
+        )
+        request.upgrade = parser.should_upgrade()
+        self._request = request
+        if request.upgrade:
+            # Answered once the parser has stopped at the upgrade (see _upgraded).
+            return
+        self._queue.append(request)
+        if self._active is None:
+            self._next()
+        elif not self._reading_paused and self._transport is not None:
+            # Pipelined: one request waits, the rest wait in the socket.
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        request = self._request
+        if request is not None:
+            request._feed(body)
+
+    def on_message_complete(self) -> None:
+        request = self._request
+        if request is not None and not request.upgrade:
+            self._request = None
+            request._end()
+            if request is self._lingering and self._transport is not None:
+                self._transport.close()
+
+    # --- requests -------------------------------------------------------------------
+
+    def _upgraded(self, rest: bytes) -> None:
+        request = self._request
+        self._request = None
+        if request is None:
+            self._refuse(400, "malformed upgrade")
+            return
+        if self._transport is not None and not self._reading_paused:
+            # Nothing more is parsed on this connection until it is answered.
+            self._reading_paused = True
+            self._transport.pause_reading()
+        websocket = request.method == "GET" and (request.header("upgrade") or "").lower() == (
+            "websocket"
+        )
+        if websocket:
+            request.rest = rest
+            request._end()
+        else:
+            # Not ours to switch to (h2c): served as HTTP/1.1, the offer ignored. The
+            # parser skipped any body of such a request, so one with a body is refused.
+            if request.header("content-length") not in (None, "0") or request.header(
+                "transfer-encoding"
+            ):
+                self._refuse(400, "an upgrade request with a body is not served")
+                return
+            request.upgrade = False
+            request._end()
+            self._parser = httptools.HttpRequestParser(self)
+            if rest:
+                request.rest = rest
+        self._queue.append(request)
+        if self._active is None:
+            self._next()
+
+    def _next(self) -> None:
+        queue = self._queue
+        if not queue:
+            if self._reading_paused and self._transport is not None and not self.closing:
+                self._reading_paused = False
+                self._transport.resume_reading()
+            self._arm()
+            return
+        request = queue.popleft()
+        self._active = request
+        self._task = self.loop.create_task(self._serve(request))
+
+    async def _serve(self, request: Request) -> None:
+        try:
+            await self._server.handler(request)
+        except asyncio.CancelledError:
+            if not self.lost:
+                self.abort()
+            raise
+        except ClientGone:
+            return
+        except Exception:
+            log.exception("request %s %s failed", request.method, request.target)
+            if request.started:
+                self.abort()
+            else:
+                request.respond(
+                    500, "", [("Content-Type", "application/json")], b'{"error":"internal"}'
+                )
+            return
+        if not request.finished and not self.lost:
+            if request.started:
+                self.abort()
+            else:
+                request.respond(500, "", [], b"")
+
+    def finished(self, request: Request) -> None:
+        """The response to the active request is written."""
+        if request is not self._active:
+            return
+        self._active = None
+        self._task = None
+        transport = self._transport
+        if self.lost or transport is None:
+            return
+        if not request._body_done and not self.closing and not self._eof:
+            # Answered before its body was read (413): the client may still be sending
+            # it and would miss the answer if the connection closed under it. Read and
+            # drop the rest for a while, then close.
+            self.closing = True
+            self._lingering = request
+            request._limit = 0
+            self._queue.clear()
+            if self._reading_paused:
+                self._reading_paused = False
+                transport.resume_reading()
+            self._timer = self.loop.call_later(LINGER_SECONDS, transport.close)
+            self._server.connection_gone()
+            return
+        if not request.keep_alive or not request._body_done or self.closing or self._eof:
+            self.closing = True
+            self._queue.clear()
+            transport.close()
+            self._server.connection_gone()
+            return
+        rest = request.rest
+        if rest:
+            request.rest = b""
+            self.data_received(rest)
+            if self._active is not None or self.closing:
+                return
+        self._next()
+
+    def hand_off(self, request: Request) -> None:
+        transport = self._transport
+        assert transport is not None
+        self._active = None
+        self._task = None
+        self._disarm()
+        self.lost = True  # for this protocol: the connection is someone else's now
+        self._server.connections.discard(self)
+        protocol = self._server.fallback()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        protocol.data_received(request.raw_head() + request.rest)
+        transport.resume_reading()
+        self._server.connection_gone()
+
+    def _refuse(self, status: int, detail: str) -> None:
+        """Answer a request that cannot be parsed, then close."""
+        self._request = None
+        self._queue.clear()
+        transport = self._transport
+        if transport is None or self.lost:
+            return
+        self.closing = True
+        active = self._active
+        if active is not None:
+            # An exchange is under way: let it finish, then close. If it is still
+            # reading its body, that body is what broke.
+            if not active._body_done:
+                active._bad = detail
+                active._wake()
+            return
+        body = orjson.dumps({"error": "bad_request", "detail": detail})
+        head = (
+            f"HTTP/1.1 {status} {_reason(status)}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        transport.write(head + body)
+        transport.close()
+        self._disarm()
+
+    # --- writing --------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.lost and self._transport is not None:
+            self._transport.write(data)
+
+    async def drain(self) -> None:
+        if self.lost:
+            raise ClientGone("the client closed the connection")
+        if self.write_paused:
+            self._drain = self.loop.create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+            if self.lost:
+                raise ClientGone("the client closed the connection")
+
+    def abort(self) -> None:
+        if self._transport is not None and not self.lost:
+            self._transport.abort()
+
+    # --- idle timer and shutdown ----------------------------------------------------
+
+    def _arm(self) -> None:
+        self._disarm()
+        if not self.lost:
+            self._timer = self.loop.call_later(self._server.keepalive_timeout, self._idle)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _idle(self) -> None:
+        self._timer = None
+        if self._active is None and not self._queue and self._transport is not None:
+            self.closing = True
+            self._transport.close()
+
+    @property
+    def busy(self) -> bool:
+        return self._active is not None or bool(self._queue)
+
+    def shut(self) -> None:
+        """Close once the exchange under way (if any) is answered."""
+        self.closing = True
+        if not self.busy and self._transport is not None and not self.lost:
+            self._transport.close()
+
+    def cancel(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self.abort()
+
+
+class HttpServer:
+    """The listener: a protocol factory for ``loop.create_server`` and its shutdown."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        fallback: Fallback,
+        *,
+        keepalive_timeout: float = 75.0,
+    ) -> None:
+        self.handler = handler
+        self.fallback = fallback
+        self.keepalive_timeout = keepalive_timeout
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[_Connection] = set()
+        self.closing = False
+        self._server: asyncio.AbstractServer | None = None
+        self._idle: asyncio.Future[None] | None = None
+
+    def __call__(self) -> _Connection:
+        return _Connection(self)
+
+    async def start(self, sock: socket.socket) -> None:
+        self._server = await self.loop.create_server(self, sock=sock, backlog=1024)
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def connection_gone(self) -> None:
+        idle = self._idle
+        if idle is not None and not idle.done() and not any(c.busy for c in self.connections):
+            idle.set_result(None)
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, close idle connections, give the busy ones ``grace``
+        seconds to finish their exchange, then cut what is left."""
+        self.closing = True
+        self.stop_accepting()
+        for conn in list(self.connections):
+            conn.shut()
+        if any(conn.busy for conn in self.connections):
+            self._idle = self.loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle, grace)
+        for conn in list(self.connections):
+            conn.cancel()
+        # Let cancelled handlers run their clean-up.
+        await asyncio.sleep(0)
