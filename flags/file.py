@@ -21,6 +21,8 @@ from flags.evaluation import is_enabled, rollout_percent
 
 log = logging.getLogger("strangler.flags")
 
+_DECISIONS_KEPT = 100_000
+
 
 def read_flags(path: Path) -> FlagSet:
     """Read and parse a flags file; errors name the file."""
@@ -50,6 +52,7 @@ class FileFlagProvider:
         self.reloads = 0
         self.reload_errors = 0
         self._flags: FlagSet | None = None
+        self._decisions: dict[tuple[str, str], bool] = {}
         self._raw: bytes | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._reloaded = asyncio.Event()
@@ -65,6 +68,7 @@ class FileFlagProvider:
     async def start(self) -> None:
         self._raw = self._read()
         self._flags = read_flags(self.path)
+        self._decisions = {}
         self._watcher = asyncio.create_task(self._watch(), name="strangler-flags-file-watch")
 
     async def close(self) -> None:
@@ -75,8 +79,18 @@ class FileFlagProvider:
             self._watcher = None
 
     def is_enabled(self, flag: str, user_id: str) -> bool:
-        flags = self._flags
-        return flags is not None and is_enabled(flags, flag, user_id, self.static_context)
+        # A decision depends on the snapshot, the flag and the user only: kept until
+        # the snapshot changes (a user's next request costs a dict lookup).
+        key = (flag, user_id)
+        decisions = self._decisions
+        decision = decisions.get(key)
+        if decision is None:
+            flags = self._flags
+            decision = flags is not None and is_enabled(flags, flag, user_id, self.static_context)
+            if len(decisions) >= _DECISIONS_KEPT:
+                decisions.clear()
+            decisions[key] = decision
+        return decision
 
     def rollout_percent(self, flag: str) -> float:
         return rollout_percent(self.flags, flag)
@@ -96,6 +110,7 @@ class FileFlagProvider:
             return False
         self._raw = raw
         self._flags = flags
+        self._decisions = {}
         self.reloads += 1
         # Wake whoever waits for this reload, then arm a fresh event for the next one.
         self._reloaded.set()

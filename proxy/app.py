@@ -258,11 +258,12 @@ class ProxyServer:
         )
 
     async def _refresh_gauges(self, proxy: Proxy) -> None:
-        # Without an admin listener of its own, a worker keeps its gauges current for
-        # the supervisor's scrapes.
+        # Without an admin listener of its own, a worker keeps its gauges current, and
+        # its batched observations flushed, for the supervisor's scrapes.
         while True:
             refresh_rollout_gauges(proxy)
-            await asyncio.sleep(1.0)
+            proxy.metrics.flush()
+            await asyncio.sleep(0.5)
 
     async def _serve(self, runner: web.BaseRunner, sock: socket.socket) -> None:
         await runner.setup()
@@ -302,6 +303,7 @@ class ProxyServer:
             await proxy.pool.close()
         if self.store is not None:
             await self.store.close()
+        self.metrics.flush()
         log.info("strangler stopped")
 
     async def __aenter__(self) -> ProxyServer:

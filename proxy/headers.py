@@ -40,13 +40,8 @@ SHADOW_HEADER = "X-Strangler-Shadow"
 Headers = list[tuple[str, str]]
 
 
-def connection_named(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
-    """Header names listed in Connection headers, lower-cased."""
-    named: set[str] = set()
-    for name, value in headers:
-        if name.lower() == "connection":
-            named.update(token.strip().lower() for token in value.split(",") if token.strip())
-    return frozenset(named)
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "x-forwarded-proto", "x-forwarded-host"}
+_WEBSOCKET_DROP = _REQUEST_DROP | WEBSOCKET_HANDSHAKE
 
 
 def upstream_request_headers(
@@ -57,23 +52,34 @@ def upstream_request_headers(
     host: str | None,
     websocket: bool = False,
 ) -> Headers:
-    """The client's request headers as the backend should see them."""
-    items = list(headers)
-    drop = HOP_BY_HOP | connection_named(items) | {"host", "x-forwarded-proto", "x-forwarded-host"}
-    if websocket:
-        # The upstream client performs its own handshake; only the subprotocol offer
-        # is carried over (separately), never the client's key or extensions.
-        drop = drop | WEBSOCKET_HANDSHAKE
+    """The client's request headers as the backend should see them.
+
+    Content-Length goes too: the body is relayed whole and framed anew. With
+    ``websocket`` the handshake headers go as well: the upstream client performs its own
+    handshake; only the subprotocol offer is carried over (separately), never the
+    client's key or extensions.
+    """
+    drop = _WEBSOCKET_DROP if websocket else _REQUEST_DROP
     out: Headers = []
     forwarded_for: list[str] = []
-    for name, value in items:
+    named: set[str] | None = None
+    for name, value in headers:
         lower = name.lower()
-        if lower in drop or lower.startswith(PROXY_OWNED_PREFIX):
+        if lower in drop:
+            if lower == "connection":
+                tokens = {token.strip().lower() for token in value.split(",")}
+                named = tokens if named is None else named | tokens
+            continue
+        if lower.startswith(PROXY_OWNED_PREFIX):
             continue
         if lower == "x-forwarded-for":
             forwarded_for.append(value)
             continue
         out.append((name, value))
+    if named:
+        out = [(name, value) for name, value in out if name.lower() not in named]
+        if "x-forwarded-for" in named:
+            forwarded_for = []
     if client_ip:
         forwarded_for.append(client_ip)
     if forwarded_for:
@@ -86,12 +92,19 @@ def upstream_request_headers(
 
 def downstream_response_headers(headers: Iterable[tuple[str, str]], backend: str) -> Headers:
     """The backend's response headers as the client should see them."""
-    items = list(headers)
-    drop = HOP_BY_HOP | connection_named(items)
-    out = [
-        (name, value)
-        for name, value in items
-        if name.lower() not in drop and not name.lower().startswith(PROXY_OWNED_PREFIX)
-    ]
+    out: Headers = []
+    named: set[str] | None = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            if lower == "connection":
+                tokens = {token.strip().lower() for token in value.split(",")}
+                named = tokens if named is None else named | tokens
+            continue
+        if lower.startswith(PROXY_OWNED_PREFIX):
+            continue
+        out.append((name, value))
+    if named:
+        out = [(name, value) for name, value in out if name.lower() not in named]
     out.append((BACKEND_HEADER, backend))
     return out

@@ -213,7 +213,12 @@ class _Exchange:
         request = self.request
         try:
             upstream = await proxy.pool.request(
-                proxy.backend_urls[backend], request.method, request.target, headers, body
+                proxy.backend_urls[backend],
+                request.method,
+                request.target,
+                headers,
+                body,
+                parsed=True,
             )
         except UpstreamUnreachable as exc:
             return self._fail(502, "backend_unreachable", str(exc), Outcome.UNREACHABLE)
@@ -386,6 +391,7 @@ async def run_http_shadow(
                 target,
                 [*headers, (SHADOW_HEADER, "1")],
                 body,
+                parsed=True,
             )
             recorder.begin(upstream.status)
             outcome = outcome_of_status(upstream.status)

@@ -10,6 +10,8 @@ shared files and each gauge says how the workers' values combine.
 from __future__ import annotations
 
 import enum
+import math
+from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -58,7 +60,13 @@ class Metrics:
         # Labelled children looked up once per label set: ``labels()`` validates and
         # locks on every call, which shows on the per-request path.
         self._children: dict[tuple[object, ...], Any] = {}
+        self._counts: dict[tuple[str, ...], int] = {}
+        self._durations: dict[tuple[str, ...], _Pending] = {}
+        self._first_events: dict[tuple[str, ...], _Pending] = {}
+        self._bounds = (*LATENCY_BUCKETS, math.inf)
         r = self.registry
+        # Registered first, so that it runs before the collectors it feeds.
+        r.register(_Flush(self))
         self.requests = Counter(
             "strangler_requests_total",
             "Exchanges relayed, by route, backend, role and outcome.",
@@ -144,11 +152,67 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    # The three per-exchange observations are batched: a dict update here, the
+    # Prometheus values (locked, and mmap-backed with workers) updated in bulk by
+    # ``flush``, which every collection of the registry runs first.
+
     def count_request(self, route: str, backend: str, role: str, outcome: str) -> None:
-        self._child(self.requests, route, backend, role, outcome).inc()
+        key = (route, backend, role, outcome)
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1
 
     def observe_duration(self, route: str, backend: str, role: str, seconds: float) -> None:
-        self._child(self.duration, route, backend, role).observe(seconds)
+        self._observe(self._durations, (route, backend, role), seconds)
 
     def observe_first_event(self, route: str, backend: str, role: str, seconds: float) -> None:
-        self._child(self.first_event, route, backend, role).observe(seconds)
+        self._observe(self._first_events, (route, backend, role), seconds)
+
+    def _observe(
+        self, pending: dict[tuple[str, ...], _Pending], key: tuple[str, ...], value: float
+    ) -> None:
+        slot = pending.get(key)
+        if slot is None:
+            slot = pending[key] = _Pending(len(self._bounds))
+        slot.total += value
+        slot.buckets[bisect_left(self._bounds, value)] += 1
+
+    def flush(self) -> None:
+        """Move the batched observations into the Prometheus values."""
+        counts, self._counts = self._counts, {}
+        for labels, n in counts.items():
+            self._child(self.requests, *labels).inc(n)
+        for metric, attr in ((self.duration, "_durations"), (self.first_event, "_first_events")):
+            pending: dict[tuple[str, ...], _Pending] = getattr(self, attr)
+            if not pending:
+                continue
+            setattr(self, attr, {})
+            for labels, slot in pending.items():
+                child = self._child(metric, *labels)
+                # prometheus_client keeps a histogram child as per-bucket (non-cumulative)
+                # values and a sum; observe() adds to one bucket and the sum, as here.
+                for index, n in enumerate(slot.buckets):
+                    if n:
+                        child._buckets[index].inc(n)
+                child._sum.inc(slot.total)
+
+
+class _Pending:
+    __slots__ = ("buckets", "total")
+
+    def __init__(self, size: int) -> None:
+        self.total = 0.0
+        self.buckets = [0] * size
+
+
+class _Flush:
+    """A collector with no metrics of its own: collecting the registry flushes first."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        self._metrics.flush()
+        return []

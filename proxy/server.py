@@ -127,6 +127,8 @@ class Request:
         version: str,
         headers: Headers,
         keep_alive: bool,
+        host: str | None,
+        expect_continue: bool,
     ) -> None:
         self._conn = conn
         self.method = method
@@ -148,22 +150,15 @@ class Request:
         self._bad: str | None = None
         self._limit = -1
         self._waiter: asyncio.Future[None] | None = None
-        self._continue = False
-        host = None
-        for name, value in headers:
-            lower = name.lower()
-            if lower == "host":
-                host = value
-            elif lower == "expect" and value.strip().lower() == "100-continue":
-                self._continue = True
-        if target.startswith(("http://", "https://")):
+        self._continue = expect_continue
+        if target[0] != "/" and target.startswith(("http://", "https://")):
             # Absolute form: the authority names the host, the rest is the target.
             authority, slash, tail = target.partition("://")[2].partition("/")
             host = authority or host
             target = slash + tail if slash else "/"
         self.host = host
         self.target = target
-        path = target.split("?", 1)[0]
+        path = target.partition("?")[0]
         self.path = unquote(path) if "%" in path else path
 
     def header(self, name: str) -> str | None:
@@ -354,8 +349,13 @@ class _Connection(asyncio.Protocol):
         "_active",
         "_drain",
         "_eof",
+        "_expect",
+        "_head_fed",
         "_head_size",
         "_headers",
+        "_host",
+        "_idle_since",
+        "_in_head",
         "_lingering",
         "_parser",
         "_queue",
@@ -382,6 +382,11 @@ class _Connection(asyncio.Protocol):
         self._url: list[bytes] = []
         self._headers: Headers = []
         self._head_size = 0
+        self._head_fed = 0
+        self._in_head = False
+        self._host: str | None = None
+        self._expect = False
+        self._idle_since = self.loop.time()
         self._request: Request | None = None  # being parsed
         self._queue: deque[Request] = deque()  # parsed, waiting their turn
         self._active: Request | None = None
@@ -411,13 +416,17 @@ class _Connection(asyncio.Protocol):
             self.closing = True
             transport.close()
             return
-        self._arm()
 
     def data_received(self, data: bytes) -> None:
         if self.closing and self._active is None and self._lingering is None:
             return
         try:
             self._parser.feed_data(data)
+            if self._in_head:
+                # llhttp holds a header line until it ends: bound what it may hold.
+                self._head_fed += len(data)
+                if self._head_fed > MAX_HEAD_BYTES:
+                    self._refuse(431, f"request head over {MAX_HEAD_BYTES} bytes")
         except httptools.HttpParserUpgrade as exc:
             self._upgraded(data[exc.args[0] :])
         except httptools.HttpParserCallbackError as exc:
@@ -465,25 +474,33 @@ class _Connection(asyncio.Protocol):
         self._url = []
         self._headers = []
         self._head_size = 0
-        self._disarm()
+        self._head_fed = 0
+        self._in_head = True
+        self._host = None
+        self._expect = False
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
-        self._grow(len(url))
+        self._head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._grow(len(name) + len(value) + 4)
-        headers = self._headers
-        if len(headers) >= MAX_HEADERS:
-            raise _Refused(431, f"more than {MAX_HEADERS} header fields")
-        headers.append((name.decode(*_ENCODING), value.decode(*_ENCODING)))
-
-    def _grow(self, size: int) -> None:
-        self._head_size += size
-        if self._head_size > MAX_HEAD_BYTES:
-            raise _Refused(431, f"request head over {MAX_HEAD_BYTES} bytes")
+        self._head_size += len(name) + len(value) + 4
+        value_text = value.decode("utf-8", "surrogateescape")
+        size = len(name)
+        # The length test keeps lower() off most headers.
+        if size == 4 and name.lower() == b"host":
+            if self._host is None:
+                self._host = value_text
+        elif size == 6 and name.lower() == b"expect":
+            self._expect = value.strip().lower() == b"100-continue"
+        self._headers.append((name.decode("utf-8", "surrogateescape"), value_text))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._head_size > MAX_HEAD_BYTES:
+            raise _Refused(431, f"request head over {MAX_HEAD_BYTES} bytes")
+        if len(self._headers) > MAX_HEADERS:
+            raise _Refused(431, f"more than {MAX_HEADERS} header fields")
         parser = self._parser
         url = self._url[0] if len(self._url) == 1 else b"".join(self._url)
         method = parser.get_method().decode("ascii")
@@ -496,6 +513,8 @@ class _Connection(asyncio.Protocol):
             parser.get_http_version(),
             self._headers,
             parser.should_keep_alive(),
+            self._host,
+            self._expect,
         )
         request.upgrade = parser.should_upgrade()
         self._request = request
@@ -564,7 +583,7 @@ class _Connection(asyncio.Protocol):
             if self._reading_paused and self._transport is not None and not self.closing:
                 self._reading_paused = False
                 self._transport.resume_reading()
-            self._arm()
+            self._idle_since = self.loop.time()
             return
         request = queue.popleft()
         self._active = request
@@ -693,21 +712,23 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None and not self.lost:
             self._transport.abort()
 
-    # --- idle timer and shutdown ----------------------------------------------------
-
-    def _arm(self) -> None:
-        self._disarm()
-        if not self.lost:
-            self._timer = self.loop.call_later(self._server.keepalive_timeout, self._idle)
+    # --- idle connections and shutdown ----------------------------------------------
 
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _idle(self) -> None:
-        self._timer = None
-        if self._active is None and not self._queue and self._transport is not None:
+    def close_if_idle(self, since: float) -> None:
+        """Close when no exchange is under way and the last ended before ``since`` (a
+        request head still arriving counts as idle: it had that long too)."""
+        if (
+            self._idle_since < since
+            and not self.busy
+            and self._lingering is None
+            and self._transport is not None
+            and not self.lost
+        ):
             self.closing = True
             self._transport.close()
 
@@ -745,16 +766,32 @@ class HttpServer:
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
         self._idle: asyncio.Future[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     def __call__(self) -> _Connection:
         return _Connection(self)
 
     async def start(self, sock: socket.socket) -> None:
         self._server = await self.loop.create_server(self, sock=sock, backlog=1024)
+        self._sweeper = self.loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        # One sweep over the connections now and then instead of a timer per request:
+        # an idle connection closes between one and one and a quarter timeouts.
+        timeout = self.keepalive_timeout
+        period = min(max(timeout / 4, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(period)
+            since = self.loop.time() - timeout
+            for conn in list(self.connections):
+                conn.close_if_idle(since)
 
     def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     def connection_gone(self) -> None:
         idle = self._idle
