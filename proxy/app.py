@@ -14,8 +14,9 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -61,6 +62,17 @@ def build_flag_provider(flags: FlagSettings) -> FlagProvider:
     )
 
 
+class _Done:
+    """An awaitable that is already done: a handler's answer with nothing to wait for."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield
+
+
+_DONE = _Done()
+
+
 def build_handler(proxy: Proxy) -> Handler:
     """The proxy listener's one handler: route, decide, relay.
 
@@ -72,20 +84,18 @@ def build_handler(proxy: Proxy) -> Handler:
     flags = proxy.flags
     identity_header = proxy.identity_header.lower()
 
-    async def handle(request: Request) -> None:
+    def handle(request: Request) -> Awaitable[None] | None:
         route = routes.match(request.path)
         user_id = request.header(identity_header) or None
         backend = choose_backend(route, user_id, flags.is_enabled)
-        if request.upgrade:
-            if proxy.draining:
-                label = route.name if route is not None else UNROUTED
-                respond_error(
-                    request, 503, "shutting_down", "the proxy is draining", backend, label
-                )
-                return
+        if not request.upgrade:
+            return relay_http(request, proxy, route, backend, user_id)
+        if proxy.draining:
+            label = route.name if route is not None else UNROUTED
+            respond_error(request, 503, "shutting_down", "the proxy is draining", backend, label)
+        else:
             request.hand_off()
-            return
-        await relay_http(request, proxy, route, backend, user_id)
+        return _DONE
 
     return handle
 

@@ -22,7 +22,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import orjson
 
@@ -37,7 +38,13 @@ from proxy.observation import Observation, Recorder
 from proxy.routing import UNROUTED, Backend, Route
 from proxy.server import BadBody, BodyTooLarge, ClientGone, Request
 from proxy.shadow import shadow_backend, shadow_refusal
-from proxy.upstream import UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from proxy.upstream import (
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 
 log = logging.getLogger("strangler.relay")
 
@@ -127,10 +134,10 @@ class _Exchange:
         except ClientGone:
             outcome = Outcome.CLIENT_CLOSED
         finally:
-            proxy.metrics.count_request(label, backend.value, "primary", outcome.value)
+            proxy.metrics.count_request(label, backend, "primary", outcome)
             if outcome not in (Outcome.TOO_LARGE, Outcome.CLIENT_CLOSED):
                 proxy.metrics.observe_duration(
-                    label, backend.value, "primary", time.perf_counter() - self.started
+                    label, backend, "primary", time.perf_counter() - self.started
                 )
             self._finish_observing(outcome)
 
@@ -238,7 +245,7 @@ class _Exchange:
             recorder.begin(upstream.status)
         metrics = proxy.metrics
         outcome = outcome_of_status(upstream.status)
-        response_headers = downstream_response_headers(upstream.headers, backend.value)
+        response_headers = downstream_response_headers(upstream.headers, backend)
         protocol = self.route.protocol if self.route is not None else "json"
         framed = self.user_field is not None and protocol in ("ndjson", "sse")
         if framed:
@@ -258,7 +265,7 @@ class _Exchange:
                     return self._fail(502, "backend_error", str(exc), Outcome.BROKEN)
                 payload = parts[0] if len(parts) == 1 else b"".join(parts)
                 now = time.perf_counter()
-                metrics.observe_first_event(label, backend.value, "primary", now - self.started)
+                metrics.observe_first_event(label, backend, "primary", now - self.started)
                 if framed:
                     whole = NdjsonFramer() if protocol == "ndjson" else SseFramer()
                     frames = whole.feed(payload) + whole.close()
@@ -280,7 +287,7 @@ class _Exchange:
             first = await upstream.read_chunk() if upstream.buffered else b""
             now = time.perf_counter()
             if first:
-                metrics.observe_first_event(label, backend.value, "primary", now - self.started)
+                metrics.observe_first_event(label, backend, "primary", now - self.started)
             framer = (NdjsonFramer() if protocol == "ndjson" else SseFramer()) if framed else None
             if framer is not None:
                 request.start(
@@ -298,9 +305,7 @@ class _Exchange:
                 async for chunk in upstream:
                     now = time.perf_counter()
                     if not seen:
-                        metrics.observe_first_event(
-                            label, backend.value, "primary", now - self.started
-                        )
+                        metrics.observe_first_event(label, backend, "primary", now - self.started)
                         seen = True
                     if framer is not None:
                         await self._relay_frames(framer.feed(chunk), now)
@@ -320,7 +325,7 @@ class _Exchange:
                 return Outcome.BROKEN
             if not seen:
                 metrics.observe_first_event(
-                    label, backend.value, "primary", time.perf_counter() - self.started
+                    label, backend, "primary", time.perf_counter() - self.started
                 )
             await request.finish()
         return outcome
@@ -347,14 +352,162 @@ class _Exchange:
             await self.request.write(frame)
 
 
-async def relay_http(
+def relay_http(
     request: Request,
     proxy: Proxy,
     route: Route | None,
     backend: Backend,
     user_id: str | None = None,
-) -> None:
-    await _Exchange(request, proxy, route, backend, user_id).run()
+) -> Coroutine[Any, Any, None] | None:
+    """Relay one exchange: None when it runs by callbacks (``_Direct``), else the
+    exchange's coroutine, to be awaited (no frame in between on the per-request path)."""
+    experiment = proxy.experiments.get(route.name) if route is not None else None
+    if experiment is None or not experiment.watches:
+        body = request.body_at_hand(proxy.settings.server.max_body_bytes)
+        if body is not None and _Direct(request, proxy, route, backend).start(body):
+            return None
+    return _Exchange(request, proxy, route, backend, user_id).run()
+
+
+class _Direct:
+    """An exchange nobody watches, relayed by callbacks on a warm upstream connection:
+    no task and no future, the classic proxy loop. The request body is in hand; the
+    response goes out as the backend sends it, in one write if it came whole, and a
+    client that falls behind stops the reading of the upstream connection. Anything
+    else (no idle connection, a retry after the keep-alive race) goes the way of
+    ``_Exchange``."""
+
+    __slots__ = (
+        "backend",
+        "connection",
+        "first",
+        "label",
+        "proxy",
+        "request",
+        "response",
+        "route",
+        "started",
+    )
+
+    def __init__(
+        self, request: Request, proxy: Proxy, route: Route | None, backend: Backend
+    ) -> None:
+        self.request = request
+        self.proxy = proxy
+        self.route = route
+        self.label = route.name if route is not None else UNROUTED
+        self.backend = backend
+        self.started = time.perf_counter()
+        self.response: UpstreamResponse | None = None
+        self.connection: UpstreamConnection | None = None
+        self.first = True
+
+    def start(self, body: bytes) -> bool:
+        request = self.request
+        headers = upstream_request_headers(
+            request.headers, client_ip=request.remote, proto=request.scheme, host=request.host
+        )
+        try:
+            connection = self.proxy.pool.start(
+                self.proxy.backend_urls[self.backend],
+                request.method,
+                request.target,
+                headers,
+                body,
+                self,
+            )
+        except ValueError:
+            return False  # _Exchange answers it (400)
+        if connection is None:
+            return False
+        self.connection = connection
+        request.on_events(self._client_lost, self._client_writable)
+        return True
+
+    def upstream_ready(self, connection: UpstreamConnection) -> None:
+        request, backend, label = self.request, self.backend, self.label
+        response = connection.response
+        if response is None:
+            error = connection.error
+            if error is None:
+                return
+            if connection.retryable:
+                # The keep-alive race: the exchange goes again, on a new connection.
+                self.connection = None
+                request.run(_Exchange(request, self.proxy, self.route, backend, None).run())
+                return
+            if isinstance(error, UpstreamUnreachable):
+                self._fail(502, "backend_unreachable", str(error), Outcome.UNREACHABLE)
+            elif isinstance(error, UpstreamTimeout):
+                detail = str(error) or "no response within the backend timeout"
+                self._fail(504, "backend_timeout", detail, Outcome.TIMEOUT)
+            else:
+                self._fail(502, "backend_error", str(error), Outcome.BROKEN)
+            return
+        try:
+            data = response.take()
+        except UpstreamError as exc:
+            response.close()
+            if self.response is None:
+                self._fail(502, "backend_error", str(exc), Outcome.BROKEN)
+            else:
+                log.warning("backend %s failed mid-response on route %s: %s", backend, label, exc)
+                request.abort()
+                self._done(Outcome.BROKEN)
+            return
+        metrics = self.proxy.metrics
+        if self.response is None:
+            self.response = response
+            headers = downstream_response_headers(response.headers, backend)
+            if response.complete:
+                metrics.observe_first_event(
+                    label, backend, "primary", time.perf_counter() - self.started
+                )
+                request.respond(response.status, response.reason, headers, data)
+                response.release()
+                self._done(outcome_of_status(response.status))
+                return
+            request.start(response.status, response.reason, headers, data)
+        elif data:
+            request.send(data)
+        if data and self.first:
+            self.first = False
+            metrics.observe_first_event(
+                label, backend, "primary", time.perf_counter() - self.started
+            )
+        if response.complete:
+            response.release()
+            if self.first:
+                metrics.observe_first_event(
+                    label, backend, "primary", time.perf_counter() - self.started
+                )
+            self._done(outcome_of_status(response.status) if request.end() else Outcome.BROKEN)
+        elif request.write_paused:
+            connection.hold()
+
+    def _client_writable(self) -> None:
+        if self.connection is not None:
+            self.connection.unhold()
+
+    def _client_lost(self) -> None:
+        if self.connection is not None:
+            self.connection.abandon()
+        self._done(Outcome.CLIENT_CLOSED)
+
+    def _fail(self, status: int, error: str, detail: str, outcome: Outcome) -> None:
+        log.warning("route %s backend %s: %s (%s)", self.label, self.backend, error, detail)
+        respond_error(self.request, status, error, detail, self.backend, self.label)
+        self._done(outcome)
+
+    def _done(self, outcome: Outcome) -> None:
+        self.connection = None
+        self.request.on_events(None, None)
+        metrics = self.proxy.metrics
+        metrics.count_request(self.label, self.backend, "primary", outcome)
+        if outcome is not Outcome.CLIENT_CLOSED:
+            metrics.observe_duration(
+                self.label, self.backend, "primary", time.perf_counter() - self.started
+            )
 
 
 async def run_http_shadow(

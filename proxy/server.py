@@ -33,7 +33,9 @@ import orjson
 log = logging.getLogger("strangler.server")
 
 Headers = list[tuple[str, str]]
-Handler = Callable[["Request"], Awaitable[None]]
+# A handler answers with an awaitable to run as the request's task, or None when it
+# serves the request by callbacks (see Request.on_events).
+Handler = Callable[["Request"], Awaitable[None] | None]
 Fallback = Callable[[], asyncio.Protocol]
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -41,6 +43,8 @@ MAX_HEADERS = 256
 LINGER_SECONDS = 5.0
 _WRITE_HIGH = 64 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
+_FRAMING = frozenset({"content-length", "transfer-encoding"})
+_TE_ONLY = frozenset({"transfer-encoding"})
 _ENCODING = ("utf-8", "surrogateescape")
 
 
@@ -63,15 +67,15 @@ def _reason(status: int) -> str:
         return ""
 
 
-def _status_line(status: int, reason: str) -> str:
-    return f"HTTP/1.1 {status} {reason or _reason(status)}\r\n"
-
-
-def _header_block(headers: Sequence[tuple[str, str]]) -> str:
-    for name, value in headers:
-        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-            raise ValueError(f"header {name!r} has a line break")
-    return "".join([f"{name}: {value}\r\n" for name, value in headers])
+def _response_head(status: int, reason: str, headers: Sequence[tuple[str, str]]) -> bytes:
+    head = "".join(
+        [f"HTTP/1.1 {status} {reason or _reason(status)}\r\n"]
+        + [f"{name}: {value}\r\n" for name, value in headers]
+    )
+    # One line break per line, none inside a name, value or the reason.
+    if head.count("\n") != len(headers) + 1 or head.count("\r") != len(headers) + 1:
+        raise ValueError("a line break in the status line or a header")
+    return head.encode("utf-8", "surrogateescape") + b"\r\n"
 
 
 class _Refused(Exception):
@@ -102,12 +106,15 @@ class Request:
         "_framing",
         "_head_only",
         "_limit",
+        "_lost_cb",
         "_remaining",
         "_waiter",
+        "_writable_cb",
         "finished",
         "headers",
         "host",
         "keep_alive",
+        "length",
         "method",
         "path",
         "remote",
@@ -129,6 +136,7 @@ class Request:
         keep_alive: bool,
         host: str | None,
         expect_continue: bool,
+        length: int,
     ) -> None:
         self._conn = conn
         self.method = method
@@ -148,9 +156,12 @@ class Request:
         self._body_size = 0
         self._body_done = False
         self._bad: str | None = None
+        self._lost_cb: Callable[[], None] | None = None
+        self._writable_cb: Callable[[], None] | None = None
         self._limit = -1
         self._waiter: asyncio.Future[None] | None = None
         self._continue = expect_continue
+        self.length = length  # the Content-Length, -1 without one
         if target[0] != "/" and target.startswith(("http://", "https://")):
             # Absolute form: the authority names the host, the rest is the target.
             authority, slash, tail = target.partition("://")[2].partition("/")
@@ -185,11 +196,19 @@ class Request:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def body_at_hand(self, limit: int) -> bytes | None:
+        """The whole body if it has arrived and is within ``limit`` bytes, else None."""
+        if not self._body_done or self._body_size > limit or self._continue:
+            return None
+        body = self._body
+        if len(body) == 1:
+            return body[0]
+        return b"".join(body)
+
     async def read_body(self, limit: int) -> bytes:
         """The whole body; BodyTooLarge once it passes ``limit`` bytes, BadBody if its
         framing is broken."""
-        length = self.header("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        if self.length > limit:
             raise BodyTooLarge
         self._limit = limit
         if self._body_size > limit:
@@ -226,7 +245,7 @@ class Request:
         # No body goes with a HEAD, 1xx, 204 or 304 answer: a Content-Length given
         # describes the representation and stays; otherwise it is the body's own.
         no_body = status in _NO_BODY_STATUS or status < 200 or self._head_only
-        framing = ("transfer-encoding",) if no_body else ("content-length", "transfer-encoding")
+        framing = _TE_ONLY if no_body else _FRAMING
         lines = [(name, value) for name, value in headers if name.lower() not in framing]
         if not no_body:
             lines.append(("Content-Length", str(len(body))))
@@ -288,30 +307,58 @@ class Request:
 
     async def write(self, data: bytes) -> None:
         """Send body bytes, waiting while the client's buffer is full."""
-        if not data or (self._remaining == 0 and self._framing == 0):
-            return
         conn = self._conn
         if conn.lost:
             raise ClientGone("the client closed the connection")
-        conn.write(self._frame(data))
+        self.send(data)
         if conn.write_paused:
             await conn.drain()
 
+    def send(self, data: bytes) -> None:
+        """Send body bytes now (the caller minds ``write_paused``)."""
+        if data and not (self._remaining == 0 and self._framing == 0):
+            self._conn.write(self._frame(data))
+
+    @property
+    def write_paused(self) -> bool:
+        """Whether the client's buffer is full (see ``on_writable``)."""
+        return self._conn.write_paused
+
     async def finish(self) -> None:
         """End the streamed response."""
+        conn = self._conn
+        if self.end() and conn.write_paused:
+            await conn.drain()
+
+    def end(self) -> bool:
+        """End the streamed response now; False if it was cut instead (shorter than
+        its Content-Length said)."""
         if self.finished:
-            return
+            return True
         conn = self._conn
         if self._framing == 1 and not conn.lost:
             conn.write(b"0\r\n\r\n")
         elif self._framing == 0 and self._remaining > 0:
             # Shorter than announced: the client must not wait for the rest.
             self.abort()
-            return
+            return False
         self.finished = True
         conn.finished(self)
-        if conn.write_paused:
-            await conn.drain()
+        return True
+
+    def on_events(
+        self, lost: Callable[[], None] | None, writable: Callable[[], None] | None
+    ) -> None:
+        """For an exchange served by callbacks (the handler returned None): ``lost`` runs
+        if the client goes away before the answer is finished, ``writable`` when its
+        full buffer has drained."""
+        self._lost_cb = lost
+        self._writable_cb = writable
+
+    def run(self, work: Awaitable[None]) -> None:
+        """Go on serving this request as a task (after a handler returned None)."""
+        self._lost_cb = self._writable_cb = None
+        self._conn.run(self, work)
 
     def abort(self) -> None:
         """Cut the connection at once."""
@@ -332,7 +379,7 @@ class Request:
             lines.append(("Connection", "close"))
         elif self.version == "1.0":
             lines.append(("Connection", "keep-alive"))
-        return (_status_line(status, reason) + _header_block(lines) + "\r\n").encode(*_ENCODING)
+        return _response_head(status, reason, lines)
 
     def raw_head(self) -> bytes:
         """The request head as it came (names and values as sent)."""
@@ -356,6 +403,7 @@ class _Connection(asyncio.Protocol):
         "_host",
         "_idle_since",
         "_in_head",
+        "_length",
         "_lingering",
         "_parser",
         "_queue",
@@ -386,6 +434,7 @@ class _Connection(asyncio.Protocol):
         self._in_head = False
         self._host: str | None = None
         self._expect = False
+        self._length = -1
         self._idle_since = self.loop.time()
         self._request: Request | None = None  # being parsed
         self._queue: deque[Request] = deque()  # parsed, waiting their turn
@@ -422,6 +471,10 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+            # Requests are served once the read is parsed, so that a body that came
+            # with its head is complete when the handler first sees the request.
+            if self._active is None and self._queue:
+                self._next()
             if self._in_head:
                 # llhttp holds a header line until it ends: bound what it may hold.
                 self._head_fed += len(data)
@@ -452,6 +505,10 @@ class _Connection(asyncio.Protocol):
         self._disarm()
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        active = self._active
+        if active is not None and active._lost_cb is not None:
+            lost, active._lost_cb = active._lost_cb, None
+            lost()
         for request in (self._active, *self._queue, self._request):
             if request is not None:
                 request._wake()
@@ -467,6 +524,9 @@ class _Connection(asyncio.Protocol):
         self.write_paused = False
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
+        active = self._active
+        if active is not None and active._writable_cb is not None:
+            active._writable_cb()
 
     # --- parser callbacks -----------------------------------------------------------
 
@@ -478,6 +538,7 @@ class _Connection(asyncio.Protocol):
         self._in_head = True
         self._host = None
         self._expect = False
+        self._length = -1
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
@@ -493,6 +554,8 @@ class _Connection(asyncio.Protocol):
                 self._host = value_text
         elif size == 6 and name.lower() == b"expect":
             self._expect = value.strip().lower() == b"100-continue"
+        elif size == 14 and name.lower() == b"content-length" and value.isdigit():
+            self._length = int(value)
         self._headers.append((name.decode("utf-8", "surrogateescape"), value_text))
 
     def on_headers_complete(self) -> None:
@@ -515,6 +578,7 @@ class _Connection(asyncio.Protocol):
             parser.should_keep_alive(),
             self._host,
             self._expect,
+            self._length,
         )
         request.upgrade = parser.should_upgrade()
         self._request = request
@@ -522,10 +586,12 @@ class _Connection(asyncio.Protocol):
             # Answered once the parser has stopped at the upgrade (see _upgraded).
             return
         self._queue.append(request)
-        if self._active is None:
-            self._next()
-        elif not self._reading_paused and self._transport is not None:
-            # Pipelined: one request waits, the rest wait in the socket.
+        if self._active is not None:
+            self._hold_pipeline()
+
+    def _hold_pipeline(self) -> None:
+        # Pipelined: one request waits its turn, the rest wait in the socket.
+        if not self._reading_paused and self._transport is not None:
             self._reading_paused = True
             self._transport.pause_reading()
 
@@ -587,11 +653,31 @@ class _Connection(asyncio.Protocol):
             return
         request = queue.popleft()
         self._active = request
-        self._task = self.loop.create_task(self._serve(request))
-
-    async def _serve(self, request: Request) -> None:
+        if queue:
+            self._hold_pipeline()
         try:
-            await self._server.handler(request)
+            work = self._server.handler(request)
+        except Exception:
+            log.exception("request %s %s failed", request.method, request.target)
+            self._failed(request)
+            return
+        if work is not None:
+            self.run(request, work)
+
+    def run(self, request: Request, work: Awaitable[None]) -> None:
+        self._task = self.loop.create_task(self._serve(request, work))
+
+    def _failed(self, request: Request) -> None:
+        if request.started:
+            self.abort()
+        elif not self.lost:
+            request.respond(
+                500, "", [("Content-Type", "application/json")], b'{"error":"internal"}'
+            )
+
+    async def _serve(self, request: Request, work: Awaitable[None]) -> None:
+        try:
+            await work
         except asyncio.CancelledError:
             if not self.lost:
                 self.abort()
@@ -600,12 +686,7 @@ class _Connection(asyncio.Protocol):
             return
         except Exception:
             log.exception("request %s %s failed", request.method, request.target)
-            if request.started:
-                self.abort()
-            else:
-                request.respond(
-                    500, "", [("Content-Type", "application/json")], b'{"error":"internal"}'
-                )
+            self._failed(request)
             return
         if not request.finished and not self.lost:
             if request.started:
@@ -617,6 +698,7 @@ class _Connection(asyncio.Protocol):
         """The response to the active request is written."""
         if request is not self._active:
             return
+        request._lost_cb = request._writable_cb = None
         self._active = None
         self._task = None
         transport = self._transport

@@ -22,10 +22,10 @@ import re
 import socket
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, cast
+from typing import Any, Final, Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -202,6 +202,12 @@ def _request_head(
     return "".join(parts).encode("utf-8", "surrogateescape"), close
 
 
+class Sink(Protocol):
+    """What hears of an exchange started with ``UpstreamPool.start``."""
+
+    def upstream_ready(self, connection: _Connection) -> None: ...
+
+
 class UpstreamResponse:
     """A backend's response: the head at once, the body streamed with ``read_chunk``.
 
@@ -283,6 +289,27 @@ class UpstreamResponse:
                 self.close()
                 raise
 
+    @property
+    def connection(self) -> _Connection | None:
+        """The connection the response arrives on, until released or closed."""
+        return self._conn
+
+    def take(self) -> bytes:
+        """The body bytes that arrived and were not read yet, at once, without waiting
+        (b"" if none did); raises the exchange's UpstreamError once they are read."""
+        conn = self._conn
+        if conn is None:
+            return b""
+        chunks = conn._chunks
+        if chunks:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            conn._buffered = 0
+            return data
+        if conn._exc is not None:
+            raise conn._exc
+        return b""
+
     def __aiter__(self) -> UpstreamResponse:
         return self
 
@@ -298,6 +325,7 @@ class UpstreamResponse:
         if conn is None:
             return
         self._conn = None
+        conn._sink = None
         done = conn._phase == _DONE and conn._exc is None
         self._ended = self._ended or done
         conn._chunks.clear()
@@ -313,6 +341,7 @@ class UpstreamResponse:
         if conn is None:
             return
         self._conn = None
+        conn._sink = None
         conn._chunks.clear()
         conn._buffered = 0
         conn._abort()
@@ -340,11 +369,13 @@ class _Connection(asyncio.Protocol):
         "_eof_body",
         "_exc",
         "_fed",
+        "_feeding",
         "_got_bytes",
         "_has_length",
         "_head_only",
         "_head_size",
         "_headers",
+        "_idempotent",
         "_idle_since",
         "_interim",
         "_keep_alive",
@@ -362,6 +393,7 @@ class _Connection(asyncio.Protocol):
         "_response",
         "_said_close",
         "_said_keep_alive",
+        "_sink",
         "_slot",
         "_stale",
         "_timer",
@@ -370,6 +402,7 @@ class _Connection(asyncio.Protocol):
         "_uses",
         "_violation",
         "_waiter",
+        "_woken",
         "_write_failed",
     )
 
@@ -398,6 +431,10 @@ class _Connection(asyncio.Protocol):
         self._response: UpstreamResponse | None = None
         self._reason = b""
         self._headers: list[tuple[str, str]] = []
+        self._sink: Sink | None = None
+        self._idempotent = False
+        self._feeding = False
+        self._woken = False
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -428,6 +465,21 @@ class _Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is None:
+            self._receive(data)
+            return
+        # A sink hears once per read, with all that read brought (head, body, end).
+        self._feeding = True
+        try:
+            self._receive(data)
+        finally:
+            self._feeding = False
+        if self._woken:
+            self._woken = False
+            sink.upstream_ready(self)
+
+    def _receive(self, data: bytes) -> None:
         if not self._open:
             return
         phase = self._phase
@@ -579,6 +631,49 @@ class _Connection(asyncio.Protocol):
         if self._phase == _BODY:
             self._finish()
 
+    # -- a sink's view of its exchange (see UpstreamPool.start) ------------------------
+
+    @property
+    def response(self) -> UpstreamResponse | None:
+        """The response, once its head is in."""
+        return self._response
+
+    @property
+    def error(self) -> UpstreamError | None:
+        """Why the exchange failed, if it did."""
+        return self._exc
+
+    @property
+    def retryable(self) -> bool:
+        """Failed before any answer on a reused connection (the keep-alive race): the
+        request may go again on a new connection if it is idempotent, or if nothing of
+        it was written."""
+        return (
+            self._exc is not None
+            and self._response is None
+            and self._stale
+            and (self._idempotent or self._write_failed)
+        )
+
+    def hold(self) -> None:
+        """Stop reading the response: the client is behind."""
+        if self._open and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def unhold(self) -> None:
+        if self._paused and self._buffered <= _LOW_WATER:
+            self._resume()
+
+    def abandon(self) -> None:
+        """Give up the exchange: the connection closes, the sink hears no more."""
+        self._sink = None
+        response = self._response
+        if response is not None:
+            response.close()
+        else:
+            self._abort()
+
     # -- exchange -----------------------------------------------------------------------
 
     def _start(
@@ -611,6 +706,8 @@ class _Connection(asyncio.Protocol):
         now = self._loop.time()
         self._last_rx = now
         self._arm(now + self._pool._read_timeout)
+        if self._sink is not None:
+            return None
         waiter = self._loop.create_future()
         self._waiter = waiter
         return waiter
@@ -631,6 +728,13 @@ class _Connection(asyncio.Protocol):
             self._transport.resume_reading()
 
     def _wake(self) -> None:
+        sink = self._sink
+        if sink is not None:
+            if self._feeding:
+                self._woken = True
+            else:
+                sink.upstream_ready(self)
+            return
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -713,12 +817,18 @@ class _Connection(asyncio.Protocol):
 
     def _park(self, now: float) -> None:
         """Enter the idle stack."""
+        self._sink = None
         self._phase = _IDLE
         self._pooled = True
         self._idle_since = now
         self._response = None
         self._parser = None
         self._arm(now + self._pool._keepalive_timeout)
+
+
+UpstreamConnection = _Connection
+"""A connection as a sink of ``UpstreamPool.start`` sees it: ``response``, ``error``,
+``retryable``, ``hold`` and ``unhold``."""
 
 
 class UpstreamPool:
@@ -821,6 +931,51 @@ class UpstreamPool:
         self._retried += 1
         conn = await self._acquire(place, fresh=True)
         return await self._exchange(conn, head, body, head_only, close)
+
+    def start(
+        self,
+        origin: str,
+        method: str,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        sink: Sink,
+    ) -> _Connection | None:
+        """Start an exchange on an idle keep-alive connection, reported to ``sink`` by
+        callbacks instead of awaited: ``sink.upstream_ready(connection)`` runs whenever
+        the head, body bytes, the end or an error came (read them from the connection's
+        ``response`` and ``error``); the sink releases or closes the response at the end.
+        Returns the connection (``abandon`` it if the exchange is no longer wanted), or
+        None, with nothing sent, when no idle connection to ``origin`` is at hand (use
+        ``request``). The headers are taken as from a parser (see ``request``'s
+        ``parsed``); ValueError for a request that cannot be written safely."""
+        if self._closed:
+            return None
+        place = self._origins.get(origin)
+        if place is None:
+            return None
+        stack = self._idle.get(place.key)
+        if not stack:
+            return None
+        head, close = _parsed_request_head(place, method, target, headers, body)
+        conn = self._pop_idle(place.key)
+        assert conn is not None
+        self._reused += 1
+        conn._sink = sink
+        conn._idempotent = method in _IDEMPOTENT
+        conn._start(head, body, method == "HEAD", close)
+        if conn._exc is not None:
+            conn._sink = None
+            if conn._response is None:
+                conn._abort()
+            # Report it as any other failure, after the caller has its answer.
+            self._loop_call(sink.upstream_ready, conn)
+        return conn
+
+    def _loop_call(self, callback: Callable[[_Connection], None], conn: _Connection) -> None:
+        loop = self._loop
+        assert loop is not None
+        loop.call_soon(callback, conn)
 
     async def close(self) -> None:
         """Close idle connections and refuse new requests; connections in use close
