@@ -82,11 +82,10 @@ def build_handler(proxy: Proxy) -> Handler:
     """
     routes = proxy.routes
     flags = proxy.flags
-    identity_header = proxy.identity_header.lower()
 
     def handle(request: Request) -> Awaitable[None] | None:
         route = routes.match(request.path)
-        user_id = request.header(identity_header) or None
+        user_id = request.key or None
         backend = choose_backend(route, user_id, flags.is_enabled)
         if not request.upgrade:
             return relay_http(request, proxy, route, backend, user_id)
@@ -255,7 +254,10 @@ class ProxyServer:
             max_field_size=16384,
         )
         self._http = HttpServer(
-            build_handler(proxy), upgrades, keepalive_timeout=server.keepalive_timeout
+            build_handler(proxy),
+            upgrades,
+            keepalive_timeout=server.keepalive_timeout,
+            key_header=self.settings.identity.header,
         )
         await self._http.start(proxy_sock)
         log.info(

@@ -114,6 +114,7 @@ class Request:
         "headers",
         "host",
         "keep_alive",
+        "key",
         "length",
         "method",
         "path",
@@ -162,6 +163,7 @@ class Request:
         self._waiter: asyncio.Future[None] | None = None
         self._continue = expect_continue
         self.length = length  # the Content-Length, -1 without one
+        self.key: str | None = None  # the server's key header (see HttpServer)
         if target[0] != "/" and target.startswith(("http://", "https://")):
             # Absolute form: the authority names the host, the rest is the target.
             authority, slash, tail = target.partition("://")[2].partition("/")
@@ -398,15 +400,18 @@ class _Connection(asyncio.Protocol):
         "_eof",
         "_expect",
         "_head_fed",
-        "_head_size",
         "_headers",
         "_host",
         "_idle_since",
         "_in_head",
+        "_key",
+        "_key_name",
+        "_key_size",
         "_length",
         "_lingering",
         "_parser",
         "_queue",
+        "_read_size",
         "_reading_paused",
         "_request",
         "_server",
@@ -429,12 +434,15 @@ class _Connection(asyncio.Protocol):
         self.remote: str | None = None
         self._url: list[bytes] = []
         self._headers: Headers = []
-        self._head_size = 0
         self._head_fed = 0
         self._in_head = False
         self._host: str | None = None
         self._expect = False
         self._length = -1
+        self._key: str | None = None
+        self._key_name = server.key_header
+        self._key_size = len(server.key_header) if server.key_header else -1
+        self._read_size = 0
         self._idle_since = self.loop.time()
         self._request: Request | None = None  # being parsed
         self._queue: deque[Request] = deque()  # parsed, waiting their turn
@@ -469,6 +477,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing and self._active is None and self._lingering is None:
             return
+        self._read_size = len(data)
         try:
             self._parser.feed_data(data)
             # Requests are served once the read is parsed, so that a body that came
@@ -530,25 +539,19 @@ class _Connection(asyncio.Protocol):
 
     # --- parser callbacks -----------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self._url = []
-        self._headers = []
-        self._head_size = 0
-        self._head_fed = 0
-        self._in_head = True
-        self._host = None
-        self._expect = False
-        self._length = -1
+    # Per-message state starts fresh after each head (no on_message_begin: one call
+    # less per request); the request line's first span marks a head under way.
 
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
-        self._head_size += len(url)
+        self._in_head = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_size += len(name) + len(value) + 4
         value_text = value.decode("utf-8", "surrogateescape")
         size = len(name)
         # The length test keeps lower() off most headers.
+        if size == self._key_size and name.lower() == self._key_name and self._key is None:
+            self._key = value_text
         if size == 4 and name.lower() == b"host":
             if self._host is None:
                 self._host = value_text
@@ -559,13 +562,16 @@ class _Connection(asyncio.Protocol):
         self._headers.append((name.decode("utf-8", "surrogateescape"), value_text))
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
-        if self._head_size > MAX_HEAD_BYTES:
-            raise _Refused(431, f"request head over {MAX_HEAD_BYTES} bytes")
-        if len(self._headers) > MAX_HEADERS:
+        headers, urls = self._headers, self._url
+        if self._head_fed + self._read_size > MAX_HEAD_BYTES:
+            # The head may be that large: measure it.
+            size = sum(map(len, urls)) + sum(len(n) + len(v) + 4 for n, v in headers)
+            if size > MAX_HEAD_BYTES:
+                raise _Refused(431, f"request head over {MAX_HEAD_BYTES} bytes")
+        if len(headers) > MAX_HEADERS:
             raise _Refused(431, f"more than {MAX_HEADERS} header fields")
         parser = self._parser
-        url = self._url[0] if len(self._url) == 1 else b"".join(self._url)
+        url = urls[0] if len(urls) == 1 else b"".join(urls)
         method = parser.get_method().decode("ascii")
         if method == "CONNECT":
             raise _Refused(405, "CONNECT is not served here")
@@ -574,12 +580,20 @@ class _Connection(asyncio.Protocol):
             method,
             url.decode(*_ENCODING),
             parser.get_http_version(),
-            self._headers,
+            headers,
             parser.should_keep_alive(),
             self._host,
             self._expect,
             self._length,
         )
+        request.key = self._key
+        self._url = []
+        self._headers = []
+        self._in_head = False
+        self._head_fed = 0
+        self._host = self._key = None
+        self._expect = False
+        self._length = -1
         request.upgrade = parser.should_upgrade()
         self._request = request
         if request.upgrade:
@@ -839,8 +853,12 @@ class HttpServer:
         fallback: Fallback,
         *,
         keepalive_timeout: float = 75.0,
+        key_header: str | None = None,
     ) -> None:
+        """``key_header``: a header whose first value every request carries as ``key``
+        (the user id, for a proxy that routes by it), picked up while parsing."""
         self.handler = handler
+        self.key_header = key_header.lower().encode("latin-1") if key_header else b""
         self.fallback = fallback
         self.keepalive_timeout = keepalive_timeout
         self.loop = asyncio.get_running_loop()

@@ -385,6 +385,7 @@ class _Connection(asyncio.Protocol):
         "_open",
         "_origin",
         "_parser",
+        "_parser_clean",
         "_paused",
         "_phase",
         "_pool",
@@ -423,6 +424,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._lost: asyncio.Future[None] | None = None
         self._parser: Any = None
+        self._parser_clean = False  # at the start of a message: reusable
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
@@ -629,6 +631,8 @@ class _Connection(asyncio.Protocol):
             self._said_close = self._said_keep_alive = False
             return
         if self._phase == _BODY:
+            # llhttp is at the start of the next message: the parser serves again.
+            self._parser_clean = self._keep_alive
             self._finish()
 
     # -- a sink's view of its exchange (see UpstreamPool.start) ------------------------
@@ -690,7 +694,9 @@ class _Connection(asyncio.Protocol):
         self._violation = None
         self._reason = b""
         self._headers = []
-        self._parser = httptools.HttpResponseParser(self)
+        if not self._parser_clean:
+            self._parser = httptools.HttpResponseParser(self)
+        self._parser_clean = False
         transport = self._transport
         if not self._open or transport is None or transport.is_closing():
             self._stale = self._uses > 1
@@ -822,7 +828,8 @@ class _Connection(asyncio.Protocol):
         self._pooled = True
         self._idle_since = now
         self._response = None
-        self._parser = None
+        if not self._parser_clean:
+            self._parser = None
         self._arm(now + self._pool._keepalive_timeout)
 
 
