@@ -36,6 +36,7 @@ from proxy.server import Handler, HttpServer, Request
 from proxy.settings import FlagSettings, Settings
 from proxy.shadow import ShadowRunner
 from proxy.upstream import UpstreamPool
+from proxy.websocket_direct import relay_websocket_direct
 from proxy.websocket_relay import close_all, is_websocket_upgrade, relay_websocket
 
 log = logging.getLogger("strangler")
@@ -92,8 +93,11 @@ def build_handler(proxy: Proxy) -> Handler:
         if proxy.draining:
             label = route.name if route is not None else UNROUTED
             respond_error(request, 503, "shutting_down", "the proxy is draining", backend, label)
-        else:
-            request.hand_off()
+            return _DONE
+        experiment = proxy.experiments.get(route.name) if route is not None else None
+        if experiment is None or not experiment.watches:
+            return relay_websocket_direct(request, proxy, route, backend)
+        request.hand_off()  # a watched session: aiohttp's relay decodes its messages
         return _DONE
 
     return handle

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -18,6 +19,12 @@ if TYPE_CHECKING:
     from proxy.divergence_store import DivergenceStore
     from proxy.experiment import RouteExperiment
     from proxy.shadow import ShadowRunner
+
+
+class Closable(Protocol):
+    """An open WebSocket session, as shutdown sees it."""
+
+    def close(self, *, code: int = ..., message: bytes = ...) -> Awaitable[bool]: ...
 
 
 @dataclass(eq=False)
@@ -35,7 +42,7 @@ class Proxy:
     shadows: ShadowRunner
     experiments: dict[str, RouteExperiment]
     store: DivergenceStore | None
-    websockets: set[web.WebSocketResponse] = field(default_factory=set)
+    websockets: set[Closable] = field(default_factory=set)
     draining: bool = False
 
     @property

@@ -366,6 +366,14 @@ class Request:
         """Cut the connection at once."""
         self._conn.abort()
 
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """Take the connection of an unanswered upgrade request away from the server:
+        its transport (reading paused) and the bytes that came after the head."""
+        if self.started or not self.upgrade:
+            raise RuntimeError("only an unanswered upgrade request can be detached")
+        self.started = self.finished = True
+        return self._conn.detach(self), self.rest
+
     def hand_off(self) -> None:
         """Give the connection, with this request's bytes, to the fallback server."""
         if self.started or not self.upgrade:
@@ -745,6 +753,17 @@ class _Connection(asyncio.Protocol):
             if self._active is not None or self.closing:
                 return
         self._next()
+
+    def detach(self, request: Request) -> asyncio.Transport:
+        transport = self._transport
+        assert transport is not None
+        request._lost_cb = request._writable_cb = None
+        self._active = None
+        self._disarm()
+        self.lost = True  # for this protocol: the connection is someone else's now
+        self._server.connections.discard(self)
+        self._server.connection_gone()
+        return transport
 
     def hand_off(self, request: Request) -> None:
         transport = self._transport

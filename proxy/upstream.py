@@ -833,6 +833,8 @@ class _Connection(asyncio.Protocol):
         self._arm(now + self._pool._keepalive_timeout)
 
 
+Origin = _Origin
+parse_origin = _parse_origin
 UpstreamConnection = _Connection
 """A connection as a sink of ``UpstreamPool.start`` sees it: ``response``, ``error``,
 ``retryable``, ``hold`` and ``unhold``."""
