@@ -68,6 +68,9 @@ def respond_error(
     request.respond(status, "", headers, body)
 
 
+_SHADOW_FAILURES = frozenset({Outcome.TIMEOUT, Outcome.UNREACHABLE, Outcome.BROKEN})
+
+
 def outcome_of_status(status: int) -> Outcome:
     if status >= 500:
         return Outcome.SERVER_ERROR
@@ -178,6 +181,7 @@ class _Exchange:
                     self.primary_done,
                     self.user_id if self.user_field is not None else None,
                 ),
+                target,
             )
             if not started:
                 self.primary_done = None
@@ -566,6 +570,7 @@ async def run_http_shadow(
         shadows.drop(label, "error")
     finished = time.perf_counter()
     recorder.finish(finished)
+    shadows.report(label, backend, outcome not in _SHADOW_FAILURES)
     user_field = route.settings.user_field
     if user_id is not None and user_field is not None:
         leaked = sum(1 for e in observation.events if not belongs_to(e, user_field, user_id))

@@ -150,6 +150,10 @@ class ShadowSettings(_Section):
     connections: Annotated[int, Field(ge=1)] = 256
     timeout: Seconds = 30.0
     drain_seconds: Seconds = 5.0
+    # After this many shadows in a row fail (time out, cannot connect, break off)
+    # against a backend, its shadows pause for breaker_seconds (0 turns this off).
+    breaker_failures: Annotated[int, Field(ge=0)] = 5
+    breaker_seconds: Seconds = 5.0
 
 
 class DivergenceSettings(_Section):

@@ -4,9 +4,12 @@ The ``ShadowRunner`` owns every shadow task (strong references, so none is lost 
 garbage collector), a bound on how many run at once, a deadline for each, and an upstream
 pool of its own, so a slow or hanging shadow backend can neither hold the primary's
 connections nor delay it. At shutdown the shadows in flight get ``drain_seconds`` and are
-then cancelled. Whatever is not run or not finished is counted by reason in
-``strangler_shadow_dropped_total``. Which exchanges are shadowed, and against which
-backend, is decided by the pure functions at the top.
+then cancelled. A backend whose shadows keep failing (``breaker_failures`` in a row)
+gets none for ``breaker_seconds``, then one probe: a hanging candidate costs the primary
+nothing while it hangs. Whatever is not run or not finished is counted by reason in
+``strangler_shadow_dropped_total`` (``breaker`` for those the breaker holds back).
+Which exchanges are shadowed, and against which backend, is decided by the pure
+functions at the top.
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ class ShadowRunner:
         )
         self.tasks: set[asyncio.Task[None]] = set()
         self.closing = False
+        self._failures: dict[tuple[str, Backend], int] = {}
+        self._open_until: dict[tuple[str, Backend], float] = {}
+        self._probing: set[tuple[str, Backend]] = set()
 
     @property
     def timeout(self) -> float:
@@ -85,11 +91,54 @@ class ShadowRunner:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    def spawn(self, route: str, work: Coroutine[Any, Any, None]) -> bool:
-        """Run ``work`` as a shadow task, or drop it (counted) when there is no room."""
+    def admits(self, route: str, backend: Backend) -> bool:
+        """Whether the breaker lets a shadow on ``backend`` run now (counted if not)."""
+        key = (route, backend)
+        until = self._open_until.get(key)
+        if until is None:
+            return True
+        if asyncio.get_running_loop().time() < until or key in self._probing:
+            self.drop(route, "breaker")
+            return False
+        self._probing.add(key)  # half open: one probe at a time
+        return True
+
+    def report(self, route: str, backend: Backend, ok: bool) -> None:
+        """How a shadow on ``backend`` went: failures in a row open the breaker."""
+        limit = self.settings.breaker_failures
+        if limit <= 0:
+            return
+        key = (route, backend)
+        self._probing.discard(key)
+        if ok:
+            self._failures.pop(key, None)
+            if self._open_until.pop(key, None) is not None:
+                log.info("route %s: shadows on %s resume", route, backend)
+            return
+        failures = self._failures[key] = self._failures.get(key, 0) + 1
+        if failures >= limit:
+            pause = self.settings.breaker_seconds
+            if key not in self._open_until:
+                log.warning(
+                    "route %s: %d shadows in a row failed on %s; pausing its shadows for %.1f s",
+                    route,
+                    failures,
+                    backend,
+                    pause,
+                )
+            self._open_until[key] = asyncio.get_running_loop().time() + pause
+
+    def spawn(
+        self, route: str, work: Coroutine[Any, Any, None], backend: Backend | None = None
+    ) -> bool:
+        """Run ``work`` as a shadow task, or drop it (counted) when there is no room
+        or the breaker holds ``backend`` back."""
         if self.closing or len(self.tasks) >= self.settings.max_concurrent:
             work.close()
             self.drop(route, "shutdown" if self.closing else "concurrency")
+            return False
+        if backend is not None and not self.admits(route, backend):
+            work.close()
             return False
         task = asyncio.create_task(self._guarded(route, work), name=f"shadow-{route}")
         self.tasks.add(task)

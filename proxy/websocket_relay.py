@@ -169,6 +169,8 @@ class _Session:
         if target is not None and not self.proxy.shadows.has_room():
             self.proxy.shadows.drop(route.name, "concurrency")
             target = None
+        if target is not None and not self.proxy.shadows.admits(route.name, target):
+            target = None
         self.tracker = TurnTracker(route, experiment, self.backend, target)
         if settings.user_field and user_id:
             self.user_field, self.user_id = settings.user_field, user_id
@@ -423,6 +425,8 @@ class _Shadow:
         metrics = self.session.proxy.metrics
         if self.ws is not None and not self.ws.closed:
             await self.ws.close(code=WSCloseCode.GOING_AWAY)
+        failed = self.outcome in (Outcome.UNREACHABLE, Outcome.BROKEN, Outcome.TIMEOUT)
+        self.session.proxy.shadows.report(self.session.route, self.backend, not failed)
         metrics.count_request(self.session.route, self.backend.value, "shadow", self.outcome.value)
 
 

@@ -16,7 +16,10 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from proxy.app import ProxyServer
-from proxy.settings import Settings
+from proxy.metrics import Metrics
+from proxy.routing import Backend
+from proxy.settings import Settings, ShadowSettings
+from proxy.shadow import ShadowRunner
 from tests.proxy_harness import flags_document, write_flags
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
@@ -199,7 +202,7 @@ async def test_the_primary_is_byte_identical_whatever_the_shadow_backend_does(
             "strangler_shadow_dropped_total", {"route": "stream", "reason": reason}
         )
         or 0
-        for reason in ("timeout", "unreachable", "error", "shutdown")
+        for reason in ("timeout", "unreachable", "error", "shutdown", "breaker")
     )
     compared = sum(
         registry.get_sample_value(
@@ -254,3 +257,66 @@ async def test_shadows_beyond_the_concurrency_bound_are_dropped_and_counted(
         )
         == 3
     )
+
+
+async def test_a_backend_whose_shadows_keep_failing_gets_none_for_a_while_then_a_probe(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    legacy = await primary_backend(aiohttp_server)
+    flags = write_flags(tmp_path / "flags.json", flags_document(rollout=0))
+    async with raw_backend(hang) as candidate:
+        settings = settings_for(legacy, candidate, flags, shadow=1.0)
+        shadow = settings.shadow.model_copy(
+            update={"timeout": 0.2, "breaker_failures": 2, "breaker_seconds": 0.5}
+        )
+        server = ProxyServer(
+            settings.model_copy(update={"shadow": shadow}), registry=CollectorRegistry()
+        )
+        await server.start()
+        try:
+            assert server.proxy is not None
+            shadows = server.proxy.shadows
+
+            async def settled() -> None:
+                while shadows.tasks:
+                    await asyncio.wait(set(shadows.tasks), timeout=5)
+
+            await exchanges(server, 2)  # two shadows, both time out: the breaker opens
+            await asyncio.wait_for(settled(), 5)
+            results = await exchanges(server, 3)
+            assert all(status == 200 for status, *_ in results)
+            assert not shadows.tasks  # held back, not started
+            await asyncio.sleep(0.5)  # the pause itself: time is what is waited for
+            await exchanges(server, 2)
+            assert len(shadows.tasks) == 1  # one probe; the other held back while it runs
+            await asyncio.wait_for(settled(), 5)
+        finally:
+            await server.stop()
+    registry = server.metrics.registry
+
+    def dropped(reason: str) -> float:
+        labels = {"route": "stream", "reason": reason}
+        return registry.get_sample_value("strangler_shadow_dropped_total", labels) or 0
+
+    assert dropped("timeout") == 3
+    assert dropped("breaker") == 4
+
+
+async def test_a_shadow_that_succeeds_closes_the_breaker() -> None:
+    runner = ShadowRunner(
+        ShadowSettings(breaker_failures=2, breaker_seconds=60.0),
+        Metrics(CollectorRegistry()),
+        connect_timeout=1.0,
+        read_timeout=1.0,
+    )
+    try:
+        runner.report("r", Backend.CANDIDATE, ok=False)
+        assert runner.admits("r", Backend.CANDIDATE)  # one failure is not a pattern
+        runner.report("r", Backend.CANDIDATE, ok=False)
+        assert not runner.admits("r", Backend.CANDIDATE)
+        assert runner.admits("r", Backend.LEGACY)  # per backend
+        assert runner.admits("other", Backend.CANDIDATE)  # and per route
+        runner.report("r", Backend.CANDIDATE, ok=True)
+        assert runner.admits("r", Backend.CANDIDATE)
+    finally:
+        await runner.close()
