@@ -369,33 +369,34 @@ class _Leg(asyncio.Protocol):
                 self._forward(view, start, pos)
                 session.violation(self, "reserved bits or wrong masking")
                 return
+            # The header is checked as soon as it is in (an oversized message is refused
+            # before its payload arrives); the message state changes only once the whole
+            # frame is, since an incomplete frame is parsed again with the next read.
+            size = length
             if opcode >= 8:
                 if length > 125 or not fin or opcode > 10:
                     self._forward(view, start, pos)
                     session.violation(self, "malformed control frame")
                     return
+            elif opcode == 0:
+                if not self.fragmented:
+                    self._forward(view, start, pos)
+                    session.violation(self, "continuation without a message")
+                    return
+                size = self.message_size + length
+            elif opcode <= 2:
+                if self.fragmented:
+                    self._forward(view, start, pos)
+                    session.violation(self, "new message inside a fragmented one")
+                    return
             else:
-                if opcode == 0:
-                    if not self.fragmented:
-                        self._forward(view, start, pos)
-                        session.violation(self, "continuation without a message")
-                        return
-                    self.message_size += length
-                elif opcode <= 2:
-                    if self.fragmented:
-                        self._forward(view, start, pos)
-                        session.violation(self, "new message inside a fragmented one")
-                        return
-                    self.message_size = length
-                else:
-                    self._forward(view, start, pos)
-                    session.violation(self, f"reserved opcode {opcode}")
-                    return
-                if self.message_size > limit:
-                    self._forward(view, start, pos)
-                    session.too_big(self)
-                    return
-                self.fragmented = not fin
+                self._forward(view, start, pos)
+                session.violation(self, f"reserved opcode {opcode}")
+                return
+            if size > limit and opcode < 8:
+                self._forward(view, start, pos)
+                session.too_big(self)
+                return
             end = pos + head + length
             if end > n:
                 break
@@ -408,7 +409,11 @@ class _Leg(asyncio.Protocol):
                 session.close_received(self, bytes(view[pos:end]), code)
                 pending.clear()
                 return
-            if opcode:
+            if opcode < 8:
+                self.message_size = size
+                self.fragmented = not fin
+                # A turn starts when a client message is complete; its first event is
+                # the backend's first data frame after that.
                 if is_client:
                     if fin and session.turn_started is None:
                         session.turn_started = time.perf_counter()
@@ -541,6 +546,7 @@ class Session:
 
     def violation(self, leg: _Leg, what: str) -> None:
         leg.deaf = True
+        leg.close_received = True  # an offender's answer is not waited for
         if leg.is_client:
             log.info("route %s: client broke the WebSocket protocol: %s", self.route, what)
             self.outcome = Outcome.CLIENT_CLOSED
@@ -561,6 +567,7 @@ class Session:
 
     def too_big(self, leg: _Leg) -> None:
         leg.deaf = True
+        leg.close_received = True  # an offender's answer is not waited for
         self.outcome = Outcome.TOO_LARGE
         self.client.send_close(MESSAGE_TOO_BIG, b"")
         self.upstream.send_close(GOING_AWAY if leg.is_client else MESSAGE_TOO_BIG, b"")
@@ -570,9 +577,12 @@ class Session:
     def lost(self, leg: _Leg) -> None:
         if self._ended:
             return
+        other = leg.other
+        assert other is not None
+        if not other.closed and other.transport is not None:
+            # It may have been held back for this leg's sake: its close must be read.
+            other.transport.resume_reading()
         if not leg.close_received:
-            other = leg.other
-            assert other is not None
             if leg.is_client:
                 if self.outcome is Outcome.SUCCESS:
                     self.outcome = Outcome.CLIENT_CLOSED
