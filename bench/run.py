@@ -993,6 +993,9 @@ class StranglerSetup:
     rollout: int = 50  # percent of users on the candidate
     shadow: float = 0.0  # on the json and stream routes (the WebSocket route never)
     shadow_settings: tuple[tuple[str, float | int], ...] = ()  # the [shadow] section
+    # The json and stream routes carry their comparison rules and contract even with
+    # shadow = 0 (the hanging case's baseline: the same routes, only no shadow).
+    checked: bool = False
 
 
 def toml(value: object) -> str:
@@ -1004,7 +1007,8 @@ def toml(value: object) -> str:
 def strangler_config(
     port: int, admin_port: int, ports: dict[str, int], setup: StranglerSetup, directory: Path
 ) -> str:
-    """The TOML config: the three routes, shadowed and compared when ``setup.shadow``."""
+    """The TOML config: the three routes, shadowed and compared when ``setup.shadow``
+    (checked, without shadows, when ``setup.checked``)."""
     lines = ["[server]", 'host = "127.0.0.1"', f"port = {port}"]
     if setup.workers != 1:
         lines.append(f"workers = {setup.workers}")
@@ -1033,7 +1037,7 @@ def strangler_config(
             f'flag = "{FLAG}"',
             f"shadow = {shadow!r}",
         ]
-        if shadow > 0:
+        if name != "agent" and (shadow > 0 or setup.checked):
             if protocol == "json":  # the workload POSTs; the bench backends have no side effects
                 lines.append(f"shadow_methods = {toml(['GET', 'HEAD', 'OPTIONS', 'POST'])}")
             else:
@@ -1169,10 +1173,11 @@ def counted_by(counters: dict[str, float], name: str, label: str, **labels: str)
 
 # The hanging-shadow cases: every user on legacy, the candidate hangs (or not).
 HANG_CASES = (
-    # (key, label, shadow, candidate hangs)
-    ("hang-off", "shadow = 0 (same config)", 0.0, True),
-    ("hang-hanging", "shadow = 1.0, candidate hangs", 1.0, True),
-    ("hang-healthy", "shadow = 1.0, candidate healthy (reference)", 1.0, False),
+    # (key, label, shadow, candidate hangs, routes checked)
+    ("hang-off", "shadow = 0 (same config)", 0.0, True, True),
+    ("hang-hanging", "shadow = 1.0, candidate hangs", 1.0, True, True),
+    ("hang-healthy", "shadow = 1.0, candidate healthy (reference)", 1.0, False, True),
+    ("hang-plain", "shadow = 0, no contract or comparison rules (reference)", 0.0, True, False),
 )
 
 
@@ -1299,12 +1304,14 @@ def run_hanging_cases(
     legacy_only = {"legacy": backend_ports["legacy"]}
     try:
         for round_ in range(settings.hang_rounds):
-            for key, label, shadow, hangs in HANG_CASES:
+            for key, label, shadow, hangs, checked in HANG_CASES:
                 results.hang_labels[key] = label
                 name = f"{key}-{round_ + 1}"
                 candidate = hanging_port if hangs else backend_ports["candidate"]
                 ports = {"legacy": backend_ports["legacy"], "candidate": candidate}
-                setup = StranglerSetup(rollout=0, shadow=shadow, shadow_settings=shadow_settings)
+                setup = StranglerSetup(
+                    rollout=0, shadow=shadow, shadow_settings=shadow_settings, checked=checked
+                )
                 try:
                     pgid, port, admin = start_strangler(supervisor, workdir, name, ports, setup)
                     sanity_check(port, name, expect_header=True)
@@ -1670,7 +1677,7 @@ def hang_report(settings: Settings, results: ShadowResults) -> list[str]:
     hanging_notes: list[str] = []
     for workload in settings.hang_workloads:
         off = hang_figures(results, workload, "hang-off")
-        for key, label, _, hangs in HANG_CASES:
+        for key, label, _, hangs, _ in HANG_CASES:
             m = hang_figures(results, workload, key)
             if m is None:
                 continue
@@ -1698,8 +1705,13 @@ def hang_report(settings: Settings, results: ShadowResults) -> list[str]:
         "",
         "With the candidate hanging, the shadows that start wait for a connection or an "
         "answer until the timeout (`timeout` dropped, compared as a `timeout` divergence); "
-        "meanwhile `max_concurrent` is full and the rest are dropped at once "
+        "once `breaker_failures` (default 5) have failed in a row, the candidate gets no "
+        "shadow for `breaker_seconds` (default 5), then one probe (`breaker` dropped), and "
+        "while shadows hang, those beyond `max_concurrent` are dropped at once "
         "(`concurrency`). The primary has its own pool and never waits for a shadow. "
+        "The `shadow = 0` baseline keeps the routes' contract and comparison rules, so it "
+        "differs from the shadowed runs only in the shadows; the last row drops them too "
+        "(the route then checks nothing and is relayed without decoding a byte). "
         '"connections held": established connections to the hanging backend at the end of '
         "the window (the shadow pool's `connections` bound).",
         *(["", *hanging_notes] if hanging_notes else []),

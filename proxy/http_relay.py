@@ -157,17 +157,20 @@ class _Exchange:
             self.proxy.settings.shadow.max_body_bytes,
             random.random(),
         )
-        shadowed = refusal is None
+        shadows = self.proxy.shadows
+        target = shadow_backend(settings, self.backend)
+        if refusal is None and not shadows.has_room():
+            refusal = "shutdown" if shadows.closing else "concurrency"
+        shadowed = refusal is None and shadows.admits(route.name, target)
         if refusal is not None and refusal != "sampled_out":
-            self.proxy.shadows.drop(route.name, refusal)
+            shadows.drop(route.name, refusal)
         if not (shadowed or experiment.contract is not None or self.user_field is not None):
             return
         observation = Observation(self.backend, "primary", self.started)
         self.recorder = Recorder(observation, route.protocol, settings.event_type_field)
         if shadowed:
             self.primary_done = asyncio.get_running_loop().create_future()
-            target = shadow_backend(settings, self.backend)
-            started = self.proxy.shadows.spawn(
+            started = shadows.spawn(
                 route.name,
                 run_http_shadow(
                     self.proxy,
@@ -181,7 +184,6 @@ class _Exchange:
                     self.primary_done,
                     self.user_id if self.user_field is not None else None,
                 ),
-                target,
             )
             if not started:
                 self.primary_done = None
@@ -365,43 +367,34 @@ def relay_http(
 ) -> Coroutine[Any, Any, None] | None:
     """Relay one exchange: None when it runs by callbacks (``_Direct``), else the
     exchange's coroutine, to be awaited (no frame in between on the per-request path)."""
-    experiment = proxy.experiments.get(route.name) if route is not None else None
-    if experiment is None or not experiment.watches:
-        body = request.body_at_hand(proxy.settings.server.max_body_bytes)
-        if body is not None and _Direct(request, proxy, route, backend).start(body):
+    body = request.body_at_hand(proxy.settings.server.max_body_bytes)
+    if body is not None:
+        direct = _Direct(request, proxy, route, backend, user_id)
+        # Isolation withholds events frame by frame: that stays with _Exchange.
+        if direct.user_field is None and direct.start(body):
             return None
     return _Exchange(request, proxy, route, backend, user_id).run()
 
 
-class _Direct:
-    """An exchange nobody watches, relayed by callbacks on a warm upstream connection:
-    no task and no future, the classic proxy loop. The request body is in hand; the
+class _Direct(_Exchange):
+    """An exchange relayed by callbacks on a warm upstream connection: no task and no
+    future for the primary, the classic proxy loop. The request body is in hand; the
     response goes out as the backend sends it, in one write if it came whole, and a
-    client that falls behind stops the reading of the upstream connection. Anything
-    else (no idle connection, a retry after the keep-alive race) goes the way of
+    client that falls behind stops the reading of the upstream connection. On a route
+    that shadows or checks a contract, a recorder decodes what passes and the shadow runs
+    beside it, as with ``_Exchange``; a route that checks isolation, an exchange with no
+    idle connection at hand, and a retry after the keep-alive race go the way of
     ``_Exchange``."""
 
-    __slots__ = (
-        "backend",
-        "connection",
-        "first",
-        "label",
-        "proxy",
-        "request",
-        "response",
-        "route",
-        "started",
-    )
-
     def __init__(
-        self, request: Request, proxy: Proxy, route: Route | None, backend: Backend
+        self,
+        request: Request,
+        proxy: Proxy,
+        route: Route | None,
+        backend: Backend,
+        user_id: str | None,
     ) -> None:
-        self.request = request
-        self.proxy = proxy
-        self.route = route
-        self.label = route.name if route is not None else UNROUTED
-        self.backend = backend
-        self.started = time.perf_counter()
+        super().__init__(request, proxy, route, backend, user_id)
         self.response: UpstreamResponse | None = None
         self.connection: UpstreamConnection | None = None
         self.first = True
@@ -426,47 +419,60 @@ class _Direct:
             return False
         self.connection = connection
         request.on_events(self._client_lost, self._client_writable)
+        if self.experiment is not None and self.experiment.watches:
+            self._start_observing(headers, body)
         return True
 
     def upstream_ready(self, connection: UpstreamConnection) -> None:
         request, backend, label = self.request, self.backend, self.label
         response = connection.response
+        recorder = self.recorder
         if response is None:
             error = connection.error
             if error is None:
                 return
             if connection.retryable:
-                # The keep-alive race: the exchange goes again, on a new connection.
+                # The keep-alive race: the exchange goes again, on a new connection, and
+                # what was observed of this try is set aside (compared as ignored).
                 self.connection = None
-                request.run(_Exchange(request, self.proxy, self.route, backend, None).run())
+                self.request.on_events(None, None)
+                self._finish_observing(Outcome.CLIENT_CLOSED)
+                retry = _Exchange(request, self.proxy, self.route, backend, None)
+                retry.experiment = None
+                request.run(retry.run())
                 return
             if isinstance(error, UpstreamUnreachable):
-                self._fail(502, "backend_unreachable", str(error), Outcome.UNREACHABLE)
+                self._direct_fail(502, "backend_unreachable", str(error), Outcome.UNREACHABLE)
             elif isinstance(error, UpstreamTimeout):
                 detail = str(error) or "no response within the backend timeout"
-                self._fail(504, "backend_timeout", detail, Outcome.TIMEOUT)
+                self._direct_fail(504, "backend_timeout", detail, Outcome.TIMEOUT)
             else:
-                self._fail(502, "backend_error", str(error), Outcome.BROKEN)
+                self._direct_fail(502, "backend_error", str(error), Outcome.BROKEN)
             return
         try:
             data = response.take()
         except UpstreamError as exc:
             response.close()
             if self.response is None:
-                self._fail(502, "backend_error", str(exc), Outcome.BROKEN)
+                self._direct_fail(502, "backend_error", str(exc), Outcome.BROKEN)
             else:
                 log.warning("backend %s failed mid-response on route %s: %s", backend, label, exc)
                 request.abort()
+                if recorder is not None:
+                    recorder.observation.error = str(exc)
                 self._done(Outcome.BROKEN)
             return
         metrics = self.proxy.metrics
+        now = time.perf_counter()
         if self.response is None:
             self.response = response
+            if recorder is not None:
+                recorder.begin(response.status)
             headers = downstream_response_headers(response.headers, backend)
             if response.complete:
-                metrics.observe_first_event(
-                    label, backend, "primary", time.perf_counter() - self.started
-                )
+                metrics.observe_first_event(label, backend, "primary", now - self.started)
+                if recorder is not None:
+                    recorder.feed(data, now)
                 request.respond(response.status, response.reason, headers, data)
                 response.release()
                 self._done(outcome_of_status(response.status))
@@ -474,17 +480,16 @@ class _Direct:
             request.start(response.status, response.reason, headers, data)
         elif data:
             request.send(data)
-        if data and self.first:
-            self.first = False
-            metrics.observe_first_event(
-                label, backend, "primary", time.perf_counter() - self.started
-            )
+        if data:
+            if recorder is not None:
+                recorder.feed(data, now)
+            if self.first:
+                self.first = False
+                metrics.observe_first_event(label, backend, "primary", now - self.started)
         if response.complete:
             response.release()
             if self.first:
-                metrics.observe_first_event(
-                    label, backend, "primary", time.perf_counter() - self.started
-                )
+                metrics.observe_first_event(label, backend, "primary", now - self.started)
             self._done(outcome_of_status(response.status) if request.end() else Outcome.BROKEN)
         elif request.write_paused:
             connection.hold()
@@ -498,10 +503,8 @@ class _Direct:
             self.connection.abandon()
         self._done(Outcome.CLIENT_CLOSED)
 
-    def _fail(self, status: int, error: str, detail: str, outcome: Outcome) -> None:
-        log.warning("route %s backend %s: %s (%s)", self.label, self.backend, error, detail)
-        respond_error(self.request, status, error, detail, self.backend, self.label)
-        self._done(outcome)
+    def _direct_fail(self, status: int, error: str, detail: str, outcome: Outcome) -> None:
+        self._done(self._fail(status, error, detail, outcome))
 
     def _done(self, outcome: Outcome) -> None:
         self.connection = None
@@ -512,6 +515,7 @@ class _Direct:
             metrics.observe_duration(
                 self.label, self.backend, "primary", time.perf_counter() - self.started
             )
+        self._finish_observing(outcome)
 
 
 async def run_http_shadow(

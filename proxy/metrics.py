@@ -152,6 +152,9 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    def count_dropped(self, route: str, reason: str) -> None:
+        self._child(self.shadow_dropped, route, reason).inc()
+
     # The three per-exchange observations are batched: a dict update here, the
     # Prometheus values (locked, and mmap-backed with workers) updated in bulk by
     # ``flush``, which every collection of the registry runs first.

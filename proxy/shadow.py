@@ -79,7 +79,7 @@ class ShadowRunner:
         return self.settings.timeout
 
     def drop(self, route: str, reason: str) -> None:
-        self.metrics.shadow_dropped.labels(route, reason).inc()
+        self.metrics.count_dropped(route, reason)
 
     def has_room(self) -> bool:
         return not self.closing and len(self.tasks) < self.settings.max_concurrent
