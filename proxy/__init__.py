@@ -1,3 +1,3 @@
 """strangler: a feature-flagged strangler-fig migration proxy."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
