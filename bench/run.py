@@ -183,7 +183,7 @@ class Settings:
     hang_duration: float = 8.0
     hang_warmup: float = 3.0
     hang_workloads: tuple[str, ...] = ("ndjson",)
-    hang_rounds: int = 1
+    hang_rounds: int = 3
 
 
 @dataclass
@@ -1995,7 +1995,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         "--hang-workloads", default="ndjson", help="comma list of json, ndjson (hanging case)"
     )
     parser.add_argument(
-        "--hang-rounds", type=int, default=1, help="repeat the hanging-shadow cases, interleaved"
+        "--hang-rounds", type=int, default=3, help="repeat the hanging-shadow cases, interleaved"
     )
     parser.add_argument("--quick", action="store_true", help="short windows, for a smoke run")
     parser.add_argument("--no-install", action="store_true", help="never call apt-get")

@@ -221,6 +221,7 @@ class Counts:
 
     @classmethod
     def read(cls, metrics: Metrics) -> Counts:
+        metrics.flush()
         return cls(
             outcomes=_totals(metrics.comparisons, "outcome"),
             kinds=_totals(metrics.divergences, "kind"),
