@@ -386,3 +386,40 @@ async def test_the_proxy_answers_a_malformed_request_with_a_4xx_and_keeps_runnin
     await writer.wait_closed()
     async with client.get(proxy.proxy_url + "/echo/ok") as resp:
         assert resp.status == 200
+
+
+async def test_a_keep_alive_connection_the_backend_dropped_is_retried_for_an_idempotent_request(
+    tmp_path: Path, client: aiohttp.ClientSession
+) -> None:
+    # Each connection answers its first request and closes on the second without a word:
+    # the race of a backend closing an idle keep-alive connection as the proxy reuses it.
+    answered: list[bytes] = []
+
+    async def one_per_connection(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            answered.append(head.split(b" ", 2)[1])
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.transport.abort()
+
+    backend = await asyncio.start_server(one_per_connection, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{backend.sockets[0].getsockname()[1]}"
+    flags = write_flags(tmp_path / "flags.json", flags_document(rollout=0))
+    try:
+        async with running_proxy(make_settings(url, url, flags)) as server:
+            for i in range(3):
+                async with client.get(f"{server.proxy_url}/get/{i}") as resp:
+                    assert (resp.status, await resp.read()) == (200, b"ok")
+            # Not idempotent, and written: the backend may have acted on it, so no retry.
+            async with client.post(server.proxy_url + "/post", data=b"x") as resp:
+                assert resp.status == 502
+    finally:
+        backend.close()
+        await backend.wait_closed()
+    assert answered == [b"/get/0", b"/get/1", b"/get/2"]
