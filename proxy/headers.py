@@ -9,6 +9,7 @@ speak for the proxy: its ``X-Strangler-*`` headers are dropped. The proxy adds t
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import AnyStr, Generic, NamedTuple
 
 HOP_BY_HOP = frozenset(
     {
@@ -44,6 +45,81 @@ _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "x-forwarded-proto", "x-
 _WEBSOCKET_DROP = _REQUEST_DROP | WEBSOCKET_HANDSHAKE
 
 
+def as_text(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """A parser's raw headers as text: UTF-8, any other byte kept as a surrogate escape
+    (as aiohttp decodes them), so that encoding them back gives the same bytes."""
+    return [
+        (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        for name, value in headers
+    ]
+
+
+def _b(names: frozenset[str]) -> frozenset[bytes]:
+    return frozenset(name.encode() for name in names)
+
+
+class _Spelling(NamedTuple, Generic[AnyStr]):
+    """The same hygiene over text (aiohttp's headers) or bytes (the parsers' own)."""
+
+    connection: AnyStr
+    comma: AnyStr
+    prefix: AnyStr
+    forwarded_for: AnyStr
+    hop_by_hop: frozenset[AnyStr]
+    request_drop: frozenset[AnyStr]
+    websocket_drop: frozenset[AnyStr]
+
+
+_TEXT = _Spelling(
+    "connection",
+    ",",
+    PROXY_OWNED_PREFIX,
+    "x-forwarded-for",
+    HOP_BY_HOP,
+    _REQUEST_DROP,
+    _WEBSOCKET_DROP,
+)
+_BYTES = _Spelling(
+    b"connection",
+    b",",
+    PROXY_OWNED_PREFIX.encode(),
+    b"x-forwarded-for",
+    _b(HOP_BY_HOP),
+    _b(_REQUEST_DROP),
+    _b(_WEBSOCKET_DROP),
+)
+
+
+def _clean(
+    headers: Iterable[tuple[AnyStr, AnyStr]],
+    drop: frozenset[AnyStr],
+    spelling: _Spelling[AnyStr],
+) -> tuple[list[tuple[AnyStr, AnyStr]], list[AnyStr]]:
+    """The headers without those in ``drop``, those a Connection header names and the
+    proxy's own; and the X-Forwarded-For values, taken out (unless Connection names it)."""
+    out: list[tuple[AnyStr, AnyStr]] = []
+    forwarded_for: list[AnyStr] = []
+    named: set[AnyStr] | None = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower in drop:
+            if lower == spelling.connection:
+                tokens = {token.strip().lower() for token in value.split(spelling.comma)}
+                named = tokens if named is None else named | tokens
+            continue
+        if lower.startswith(spelling.prefix):
+            continue
+        if lower == spelling.forwarded_for:
+            forwarded_for.append(value)
+            continue
+        out.append((name, value))
+    if named:
+        out = [(name, value) for name, value in out if name.lower() not in named]
+        if spelling.forwarded_for in named:
+            forwarded_for = []
+    return out, forwarded_for
+
+
 def upstream_request_headers(
     headers: Iterable[tuple[str, str]],
     *,
@@ -59,27 +135,8 @@ def upstream_request_headers(
     handshake; only the subprotocol offer is carried over (separately), never the
     client's key or extensions.
     """
-    drop = _WEBSOCKET_DROP if websocket else _REQUEST_DROP
-    out: Headers = []
-    forwarded_for: list[str] = []
-    named: set[str] | None = None
-    for name, value in headers:
-        lower = name.lower()
-        if lower in drop:
-            if lower == "connection":
-                tokens = {token.strip().lower() for token in value.split(",")}
-                named = tokens if named is None else named | tokens
-            continue
-        if lower.startswith(PROXY_OWNED_PREFIX):
-            continue
-        if lower == "x-forwarded-for":
-            forwarded_for.append(value)
-            continue
-        out.append((name, value))
-    if named:
-        out = [(name, value) for name, value in out if name.lower() not in named]
-        if "x-forwarded-for" in named:
-            forwarded_for = []
+    drop = _TEXT.websocket_drop if websocket else _TEXT.request_drop
+    out, forwarded_for = _clean(headers, drop, _TEXT)
     if client_ip:
         forwarded_for.append(client_ip)
     if forwarded_for:
@@ -90,21 +147,48 @@ def upstream_request_headers(
     return out
 
 
+def upstream_request_block(
+    headers: Iterable[tuple[bytes, bytes]],
+    *,
+    client_ip: str | None,
+    proto: str,
+    host: str | None,
+) -> bytes:
+    """``upstream_request_headers`` over a parser's raw headers, as the header lines of
+    the upstream request (each ending CRLF)."""
+    out, forwarded_for = _clean(headers, _BYTES.request_drop, _BYTES)
+    lines = [b"%b: %b\r\n" % pair for pair in out]
+    if client_ip:
+        forwarded_for.append(client_ip.encode())
+    if forwarded_for:
+        lines.append(b"X-Forwarded-For: %b\r\n" % b", ".join(forwarded_for))
+    lines.append(b"X-Forwarded-Proto: %b\r\n" % proto.encode())
+    if host:
+        lines.append(b"X-Forwarded-Host: %b\r\n" % host.encode("utf-8", "surrogateescape"))
+    return b"".join(lines)
+
+
 def downstream_response_headers(headers: Iterable[tuple[str, str]], backend: str) -> Headers:
     """The backend's response headers as the client should see them."""
-    out: Headers = []
-    named: set[str] | None = None
-    for name, value in headers:
-        lower = name.lower()
-        if lower in HOP_BY_HOP:
-            if lower == "connection":
-                tokens = {token.strip().lower() for token in value.split(",")}
-                named = tokens if named is None else named | tokens
-            continue
-        if lower.startswith(PROXY_OWNED_PREFIX):
-            continue
-        out.append((name, value))
-    if named:
-        out = [(name, value) for name, value in out if name.lower() not in named]
+    out, forwarded_for = _clean(headers, _TEXT.hop_by_hop, _TEXT)
+    out.extend(("X-Forwarded-For", value) for value in forwarded_for)
     out.append((BACKEND_HEADER, backend))
     return out
+
+
+def downstream_response_block(
+    headers: Iterable[tuple[bytes, bytes]], backend: str
+) -> tuple[bytes, bytes | None]:
+    """``downstream_response_headers`` over a parser's raw headers, as header lines
+    without Content-Length; and the Content-Length value, if there was one."""
+    out, forwarded_for = _clean(headers, _BYTES.hop_by_hop, _BYTES)
+    length = None
+    lines = []
+    for name, value in out:
+        if len(name) == 14 and name.lower() == b"content-length":
+            length = value
+        else:
+            lines.append(b"%b: %b\r\n" % (name, value))
+    lines.extend(b"X-Forwarded-For: %b\r\n" % value for value in forwarded_for)
+    lines.append(b"X-Strangler-Backend: %b\r\n" % backend.encode())
+    return b"".join(lines), length

@@ -32,7 +32,13 @@ from adapters.framing import NdjsonFramer, SseFramer
 from adapters.isolation import belongs_to
 from proxy.context import Proxy
 from proxy.experiment import RouteExperiment
-from proxy.headers import SHADOW_HEADER, downstream_response_headers, upstream_request_headers
+from proxy.headers import (
+    SHADOW_HEADER,
+    downstream_response_block,
+    downstream_response_headers,
+    upstream_request_block,
+    upstream_request_headers,
+)
 from proxy.metrics import Outcome
 from proxy.observation import Observation, Recorder
 from proxy.routing import UNROUTED, Backend, Route
@@ -401,15 +407,15 @@ class _Direct(_Exchange):
 
     def start(self, body: bytes) -> bool:
         request = self.request
-        headers = upstream_request_headers(
-            request.headers, client_ip=request.remote, proto=request.scheme, host=request.host
+        block = upstream_request_block(
+            request.raw_headers, client_ip=request.remote, proto=request.scheme, host=request.host
         )
         try:
             connection = self.proxy.pool.start(
                 self.proxy.backend_urls[self.backend],
                 request.method,
                 request.target,
-                headers,
+                block,
                 body,
                 self,
             )
@@ -420,6 +426,9 @@ class _Direct(_Exchange):
         self.connection = connection
         request.on_events(self._client_lost, self._client_writable)
         if self.experiment is not None and self.experiment.watches:
+            headers = upstream_request_headers(
+                request.headers, client_ip=request.remote, proto=request.scheme, host=request.host
+            )
             self._start_observing(headers, body)
         return True
 
@@ -468,16 +477,16 @@ class _Direct(_Exchange):
             self.response = response
             if recorder is not None:
                 recorder.begin(response.status)
-            headers = downstream_response_headers(response.headers, backend)
+            block, length = downstream_response_block(response.raw_headers, backend)
             if response.complete:
                 metrics.observe_first_event(label, backend, "primary", now - self.started)
                 if recorder is not None:
                     recorder.feed(data, now)
-                request.respond(response.status, response.reason, headers, data)
+                request.respond_block(response.status, response.reason, block, data, length)
                 response.release()
                 self._done(outcome_of_status(response.status))
                 return
-            request.start(response.status, response.reason, headers, data)
+            request.start_block(response.status, response.reason, block, length, data)
         elif data:
             request.send(data)
         if data:

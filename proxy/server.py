@@ -30,9 +30,12 @@ from urllib.parse import unquote
 import httptools
 import orjson
 
+from proxy.headers import as_text
+
 log = logging.getLogger("strangler.server")
 
 Headers = list[tuple[str, str]]
+RawHeaders = list[tuple[bytes, bytes]]
 # A handler answers with an awaitable to run as the request's task, or None when it
 # serves the request by callbacks (see Request.on_events).
 Handler = Callable[["Request"], Awaitable[None] | None]
@@ -43,8 +46,6 @@ MAX_HEADERS = 256
 LINGER_SECONDS = 5.0
 _WRITE_HIGH = 64 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
-_FRAMING = frozenset({"content-length", "transfer-encoding"})
-_TE_ONLY = frozenset({"transfer-encoding"})
 _ENCODING = ("utf-8", "surrogateescape")
 
 
@@ -67,15 +68,24 @@ def _reason(status: int) -> str:
         return ""
 
 
-def _response_head(status: int, reason: str, headers: Sequence[tuple[str, str]]) -> bytes:
-    head = "".join(
-        [f"HTTP/1.1 {status} {reason or _reason(status)}\r\n"]
-        + [f"{name}: {value}\r\n" for name, value in headers]
-    )
-    # One line break per line, none inside a name, value or the reason.
-    if head.count("\n") != len(headers) + 1 or head.count("\r") != len(headers) + 1:
-        raise ValueError("a line break in the status line or a header")
-    return head.encode("utf-8", "surrogateescape") + b"\r\n"
+_STATUS_LINES: dict[tuple[int, str], bytes] = {}
+
+
+def _header_block(headers: Sequence[tuple[str, str]]) -> tuple[bytes, bytes | None]:
+    """Header lines as bytes without the framing headers, and the Content-Length given."""
+    length = None
+    lines = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "content-length":
+            length = value.encode("utf-8", "surrogateescape")
+        elif lower != "transfer-encoding":
+            lines.append(f"{name}: {value}\r\n")
+    text = "".join(lines)
+    # One line break per line, none inside a name or value.
+    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+        raise ValueError("a line break in a header")
+    return text.encode("utf-8", "surrogateescape"), length
 
 
 class _Refused(Exception):
@@ -105,19 +115,20 @@ class Request:
         "_continue",
         "_framing",
         "_head_only",
+        "_headers",
         "_limit",
         "_lost_cb",
         "_remaining",
         "_waiter",
         "_writable_cb",
         "finished",
-        "headers",
         "host",
         "keep_alive",
         "key",
         "length",
         "method",
         "path",
+        "raw_headers",
         "remote",
         "rest",
         "scheme",
@@ -133,7 +144,7 @@ class Request:
         method: str,
         target: str,
         version: str,
-        headers: Headers,
+        raw_headers: RawHeaders,
         keep_alive: bool,
         host: str | None,
         expect_continue: bool,
@@ -142,7 +153,8 @@ class Request:
         self._conn = conn
         self.method = method
         self.version = version
-        self.headers = headers
+        self.raw_headers = raw_headers
+        self._headers: Headers | None = None
         self.keep_alive = keep_alive
         self.remote = conn.remote
         self.scheme = "http"
@@ -174,11 +186,21 @@ class Request:
         path = target.partition("?")[0]
         self.path = unquote(path) if "%" in path else path
 
+    @property
+    def headers(self) -> Headers:
+        """The headers as text (decoded as aiohttp decodes them, bytes kept through
+        surrogate escapes), in the client's order, spelling and duplicates."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = as_text(self.raw_headers)
+        return headers
+
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (lower-case), or None."""
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
+        wanted = name.encode("latin-1")
+        for key, value in self.raw_headers:
+            if key.lower() == wanted:
+                return value.decode("utf-8", "surrogateescape")
         return None
 
     # --- the body -------------------------------------------------------------------
@@ -241,17 +263,25 @@ class Request:
         self, status: int, reason: str, headers: Sequence[tuple[str, str]], body: bytes = b""
     ) -> None:
         """Answer with a whole body (its length is set here)."""
+        block, length = _header_block(headers)
+        self.respond_block(status, reason, block, body, length)
+
+    def respond_block(
+        self, status: int, reason: str, block: bytes, body: bytes, length: bytes | None
+    ) -> None:
+        """``respond`` with the header lines as bytes (each ending CRLF, no framing
+        headers; their names and values already checked), and the Content-Length given
+        with them, which only an answer without a body keeps (HEAD, 1xx, 204, 304: it
+        describes the representation); any other gets its body's own."""
         if self.started:
             raise RuntimeError("the response has started")
         self.started = True
-        # No body goes with a HEAD, 1xx, 204 or 304 answer: a Content-Length given
-        # describes the representation and stays; otherwise it is the body's own.
         no_body = status in _NO_BODY_STATUS or status < 200 or self._head_only
-        framing = _TE_ONLY if no_body else _FRAMING
-        lines = [(name, value) for name, value in headers if name.lower() not in framing]
-        if not no_body:
-            lines.append(("Content-Length", str(len(body))))
-        head = self._head(status, reason, lines)
+        if no_body:
+            framing = b"" if length is None else b"Content-Length: %b\r\n" % length
+        else:
+            framing = b"Content-Length: %d\r\n" % len(body)
+        head = self._head(status, reason, block + framing)
         conn = self._conn
         if body and not no_body:
             conn.write(head + body)
@@ -267,31 +297,33 @@ class Request:
         are some at hand (one write). With a Content-Length among the headers the body
         must be exactly that long; without one it is chunked for HTTP/1.1 clients and
         delimited by closing the connection for HTTP/1.0 ones."""
+        block, length = _header_block(headers)
+        self.start_block(status, reason, block, length, body)
+
+    def start_block(
+        self, status: int, reason: str, block: bytes, length: bytes | None, body: bytes = b""
+    ) -> None:
+        """``start`` with the header lines as bytes, as for ``respond_block``."""
         if self.started:
             raise RuntimeError("the response has started")
         self.started = True
-        lines = [(n, v) for n, v in headers if n.lower() != "transfer-encoding"]
         no_body = status in _NO_BODY_STATUS or status < 200 or self._head_only
         if no_body:
             self._framing = 0
             self._remaining = 0
+            framing = b"" if length is None else b"Content-Length: %b\r\n" % length
+        elif length is not None and length.strip().isdigit():
+            self._framing = 0
+            self._remaining = int(length)
+            framing = b"Content-Length: %b\r\n" % length.strip()
+        elif self.version == "1.1":
+            self._framing = 1
+            framing = b"Transfer-Encoding: chunked\r\n"
         else:
-            length = None
-            for name, value in lines:
-                if name.lower() == "content-length":
-                    length = value
-            if length is not None and length.strip().isdigit():
-                self._framing = 0
-                self._remaining = int(length)
-            elif self.version == "1.1":
-                lines = [(n, v) for n, v in lines if n.lower() != "content-length"]
-                lines.append(("Transfer-Encoding", "chunked"))
-                self._framing = 1
-            else:
-                lines = [(n, v) for n, v in lines if n.lower() != "content-length"]
-                self._framing = 2
-                self.keep_alive = False
-        head = self._head(status, reason, lines)
+            self._framing = 2
+            self.keep_alive = False
+            framing = b""
+        head = self._head(status, reason, block + framing)
         if body and not no_body:
             self._conn.write(head + self._frame(body))
         else:
@@ -381,22 +413,31 @@ class Request:
         self.started = self.finished = True
         self._conn.hand_off(self)
 
-    def _head(self, status: int, reason: str, lines: list[tuple[str, str]]) -> bytes:
+    def _head(self, status: int, reason: str, block: bytes) -> bytes:
         conn = self._conn
         if not self.keep_alive or conn.closing or not self._body_done:
             # (An answer before the whole body came ends the connection: see finished.)
             self.keep_alive = False
-            lines.append(("Connection", "close"))
+            connection = b"Connection: close\r\n"
         elif self.version == "1.0":
-            lines.append(("Connection", "keep-alive"))
-        return _response_head(status, reason, lines)
+            connection = b"Connection: keep-alive\r\n"
+        else:
+            connection = b""
+        line = _STATUS_LINES.get((status, reason))
+        if line is None:
+            text = f"HTTP/1.1 {status} {reason or _reason(status)}\r\n"
+            if text.count("\n") != 1 or text.count("\r") != 1:
+                raise ValueError("a line break in the reason phrase")
+            line = text.encode("utf-8", "surrogateescape")
+            if len(_STATUS_LINES) < 512:
+                _STATUS_LINES[(status, reason)] = line
+        return b"%b%b%b\r\n" % (line, block, connection)
 
     def raw_head(self) -> bytes:
         """The request head as it came (names and values as sent)."""
         lines = [f"{self.method} {self.target} HTTP/{self.version}\r\n"]
-        lines.extend(f"{name}: {value}\r\n" for name, value in self.headers)
-        lines.append("\r\n")
-        return "".join(lines).encode(*_ENCODING)
+        head = "".join(lines).encode(*_ENCODING)
+        return head + b"".join(b"%b: %b\r\n" % pair for pair in self.raw_headers) + b"\r\n"
 
 
 class _Connection(asyncio.Protocol):
@@ -441,7 +482,7 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self.remote: str | None = None
         self._url: list[bytes] = []
-        self._headers: Headers = []
+        self._headers: RawHeaders = []
         self._head_fed = 0
         self._in_head = False
         self._host: str | None = None
@@ -555,19 +596,18 @@ class _Connection(asyncio.Protocol):
         self._in_head = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        value_text = value.decode("utf-8", "surrogateescape")
         size = len(name)
         # The length test keeps lower() off most headers.
         if size == self._key_size and name.lower() == self._key_name and self._key is None:
-            self._key = value_text
+            self._key = value.decode("utf-8", "surrogateescape")
         if size == 4 and name.lower() == b"host":
             if self._host is None:
-                self._host = value_text
+                self._host = value.decode("utf-8", "surrogateescape")
         elif size == 6 and name.lower() == b"expect":
             self._expect = value.strip().lower() == b"100-continue"
         elif size == 14 and name.lower() == b"content-length" and value.isdigit():
             self._length = int(value)
-        self._headers.append((name.decode("utf-8", "surrogateescape"), value_text))
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         headers, urls = self._headers, self._url

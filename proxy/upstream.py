@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from proxy.headers import as_text
+
 __all__ = [
     "PoolStats",
     "UpstreamError",
@@ -149,6 +151,17 @@ def _parsed_request_head(
     return head.encode("utf-8", "surrogateescape"), False
 
 
+def _block_request_head(
+    origin: _Origin, method: str, target: str, block: bytes, body: bytes
+) -> bytes:
+    """The request head around header lines already checked (see ``_parsed_request_head``)."""
+    if " " in target or " " in method or "\n" in target or "\r" in target:
+        raise ValueError(f"invalid request line {method!r} {target!r}")
+    length = b"Content-Length: %d\r\n" % len(body) if body or method in _BODY_METHODS else b""
+    line = f"{method} {target} HTTP/1.1\r\n{origin.host_line}".encode("utf-8", "surrogateescape")
+    return b"%b%b%b\r\n" % (line, block, length)
+
+
 def _request_head(
     origin: _Origin,
     method: str,
@@ -217,23 +230,32 @@ class UpstreamResponse:
     connection, and its slot in the pool's limit, until the pool is closed.
     """
 
-    __slots__ = ("_conn", "_ended", "headers", "reason", "status", "version")
+    __slots__ = ("_conn", "_ended", "_headers", "raw_headers", "reason", "status", "version")
 
     def __init__(
         self,
         status: int,
         reason: str,
         version: str,
-        headers: list[tuple[str, str]],
+        raw_headers: list[tuple[bytes, bytes]],
         conn: _Connection,
     ) -> None:
         self.status = status
         self.reason = reason
         self.version = version
         # Raw order, duplicates kept (Set-Cookie), names as the backend spelled them.
-        self.headers = headers
+        self.raw_headers = raw_headers
+        self._headers: list[tuple[str, str]] | None = None
         self._conn: _Connection | None = conn
         self._ended = False
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """The headers as text (bytes kept through surrogate escapes)."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = as_text(self.raw_headers)
+        return headers
 
     def __repr__(self) -> str:
         return f"<UpstreamResponse {self.status} {self.reason!r}>"
@@ -432,7 +454,7 @@ class _Connection(asyncio.Protocol):
         self._violation: UpstreamError | None = None
         self._response: UpstreamResponse | None = None
         self._reason = b""
-        self._headers: list[tuple[str, str]] = []
+        self._headers: list[tuple[bytes, bytes]] = []
         self._sink: Sink | None = None
         self._idempotent = False
         self._feeding = False
@@ -560,9 +582,7 @@ class _Connection(asyncio.Protocol):
         if self._phase != _HEAD:
             return  # a chunked body's trailer fields: not relayed, and never framing
         self._head_size += len(name) + len(value) + 4
-        self._headers.append(
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        )
+        self._headers.append((name, value))
         size = len(name)
         # The length test keeps lower() off the common headers.
         if size == 10 and name.lower() == b"connection":
@@ -946,7 +966,7 @@ class UpstreamPool:
         origin: str,
         method: str,
         target: str,
-        headers: Sequence[tuple[str, str]],
+        header_block: bytes,
         body: bytes,
         sink: Sink,
     ) -> _Connection | None:
@@ -956,8 +976,10 @@ class UpstreamPool:
         ``response`` and ``error``); the sink releases or closes the response at the end.
         Returns the connection (``abandon`` it if the exchange is no longer wanted), or
         None, with nothing sent, when no idle connection to ``origin`` is at hand (use
-        ``request``). The headers are taken as from a parser (see ``request``'s
-        ``parsed``); ValueError for a request that cannot be written safely."""
+        ``request``). ``header_block`` is the header lines (each ending CRLF) as a
+        proxy made them from a parser's headers: no Host, Connection,
+        Transfer-Encoding or Content-Length (see ``request``'s ``parsed``); ValueError
+        for a request that cannot be written safely."""
         if self._closed:
             return None
         place = self._origins.get(origin)
@@ -966,7 +988,8 @@ class UpstreamPool:
         stack = self._idle.get(place.key)
         if not stack:
             return None
-        head, close = _parsed_request_head(place, method, target, headers, body)
+        head = _block_request_head(place, method, target, header_block, body)
+        close = False
         conn = self._pop_idle(place.key)
         assert conn is not None
         self._reused += 1
