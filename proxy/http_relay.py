@@ -403,7 +403,7 @@ class _Direct(_Exchange):
         super().__init__(request, proxy, route, backend, user_id)
         self.response: UpstreamResponse | None = None
         self.connection: UpstreamConnection | None = None
-        self.first = True
+        self.first_at: float | None = None  # when the first body bytes came
 
     def start(self, body: bytes) -> bool:
         request = self.request
@@ -471,7 +471,6 @@ class _Direct(_Exchange):
                     recorder.observation.error = str(exc)
                 self._done(Outcome.BROKEN)
             return
-        metrics = self.proxy.metrics
         now = time.perf_counter()
         if self.response is None:
             self.response = response
@@ -479,7 +478,7 @@ class _Direct(_Exchange):
                 recorder.begin(response.status)
             block, length = downstream_response_block(response.raw_headers, backend)
             if response.complete:
-                metrics.observe_first_event(label, backend, "primary", now - self.started)
+                self.first_at = now
                 if recorder is not None:
                     recorder.feed(data, now)
                 request.respond_block(response.status, response.reason, block, data, length)
@@ -492,13 +491,12 @@ class _Direct(_Exchange):
         if data:
             if recorder is not None:
                 recorder.feed(data, now)
-            if self.first:
-                self.first = False
-                metrics.observe_first_event(label, backend, "primary", now - self.started)
+            if self.first_at is None:
+                self.first_at = now
         if response.complete:
             response.release()
-            if self.first:
-                metrics.observe_first_event(label, backend, "primary", now - self.started)
+            if self.first_at is None:
+                self.first_at = now
             self._done(outcome_of_status(response.status) if request.end() else Outcome.BROKEN)
         elif request.write_paused:
             connection.hold()
@@ -518,12 +516,16 @@ class _Direct(_Exchange):
     def _done(self, outcome: Outcome) -> None:
         self.connection = None
         self.request.on_events(None, None)
-        metrics = self.proxy.metrics
-        metrics.count_request(self.label, self.backend, "primary", outcome)
-        if outcome is not Outcome.CLIENT_CLOSED:
-            metrics.observe_duration(
-                self.label, self.backend, "primary", time.perf_counter() - self.started
-            )
+        started, first = self.started, self.first_at
+        duration = None if outcome is Outcome.CLIENT_CLOSED else time.perf_counter() - started
+        self.proxy.metrics.exchange(
+            self.label,
+            self.backend,
+            "primary",
+            outcome,
+            duration,
+            None if first is None else first - started,
+        )
         self._finish_observing(outcome)
 
 

@@ -173,6 +173,26 @@ class Metrics:
     def observe_first_event(self, route: str, backend: str, role: str, seconds: float) -> None:
         self._observe(self._first_events, (route, backend, role), seconds)
 
+    def exchange(
+        self,
+        route: str,
+        backend: str,
+        role: str,
+        outcome: str,
+        duration: float | None,
+        first_event: float | None,
+    ) -> None:
+        """One exchange's count, duration and first-event time at once (either time may
+        be missing)."""
+        key = (route, backend, role, outcome)
+        counts = self._counts
+        counts[key] = counts.get(key, 0) + 1
+        labels = key[:3]
+        if duration is not None:
+            self._observe(self._durations, labels, duration)
+        if first_event is not None:
+            self._observe(self._first_events, labels, first_event)
+
     def _observe(
         self, pending: dict[tuple[str, ...], _Pending], key: tuple[str, ...], value: float
     ) -> None:

@@ -32,12 +32,6 @@ class Route:
     flag: str
     settings: RouteSettings
 
-    def matches(self, path: str) -> bool:
-        prefix = self.prefix
-        if prefix == "/":
-            return True
-        return path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/")
-
 
 class RouteTable:
     """Finds the route of a path; the longest prefix wins (they never overlap anyway)."""
@@ -50,8 +44,12 @@ class RouteTable:
         self.by_name = {r.name: r for r in built}
 
     def match(self, path: str) -> Route | None:
+        # A prefix matches itself and what lies below it: /api, /api/x, not /apis.
         for route in self.routes:
-            if route.matches(path):
+            prefix = route.prefix
+            if prefix == "/" or (
+                path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/")
+            ):
                 return route
         return None
 
