@@ -10,9 +10,17 @@ with a limit, ``Expect: 100-continue``, responses of known length, chunked or
 close-delimited, back-pressure on writes, cancellation of the handler when the client
 goes away, an idle timeout, and a graceful shutdown.
 
-WebSocket upgrades are handed over, connection and bytes, to aiohttp's server
-(``fallback``), which owns the connection from then on. CONNECT is refused (405); any
-other upgrade offer (``h2c``) is ignored and the request served as HTTP/1.1.
+A request is handed to the handler once the read that completed its head is parsed (so
+a body that came with it is whole). The handler answers with an awaitable, run as the
+request's task, or with None when it serves the request by callbacks (``on_events``:
+the client lost, its buffer drained) and ends it with ``respond``/``end``; ``run`` turns
+such a request into a task after all. Headers stay the bytes the client sent
+(``raw_headers``) until someone asks for them as text.
+
+A WebSocket upgrade is the handler's to take: ``detach`` takes the connection away
+(the proxy's own frame relay), ``hand_off`` gives it, connection and bytes, to aiohttp's
+server (``fallback``), which owns it from then on. CONNECT is refused (405); any other
+upgrade offer (``h2c``) is ignored and the request served as HTTP/1.1.
 """
 
 from __future__ import annotations
