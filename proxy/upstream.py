@@ -12,6 +12,10 @@ it arrives with reading paused above a high-water mark, and every framing doubt
 (Content-Length with Transfer-Encoding, duplicate lengths, bad chunks, a short body,
 bytes the server should not have sent) fails the exchange and closes the connection
 rather than risk answering one request with the bytes of another.
+
+``request`` is awaited; ``start`` runs an exchange on an idle connection by callbacks to
+a sink instead (no future at all), for a caller that relays as the bytes come. Response
+headers stay bytes (``raw_headers``) unless asked for as text.
 """
 
 from __future__ import annotations
