@@ -440,7 +440,11 @@ class _Direct(_Exchange):
             error = connection.error
             if error is None:
                 return
-            if connection.retryable:
+            # Whatever happens next, this exchange is over for the connection: it hears
+            # no more of it (its closing would report the failure a second time).
+            again = connection.retryable
+            connection.abandon()
+            if again:
                 # The keep-alive race: the exchange goes again, on a new connection, and
                 # what was observed of this try is set aside (compared as ignored).
                 self.connection = None

@@ -185,10 +185,17 @@ class Request:
         self.length = length  # the Content-Length, -1 without one
         self.key: str | None = None  # the server's key header (see HttpServer)
         if target[0] != "/" and target.startswith(("http://", "https://")):
-            # Absolute form: the authority names the host, the rest is the target.
-            authority, slash, tail = target.partition("://")[2].partition("/")
+            # Absolute form: the authority names the host, the rest is the target (a
+            # query straight after the authority belongs to the path "/").
+            rest = target.partition("://")[2]
+            end = len(rest)
+            for mark in "/?":
+                at = rest.find(mark)
+                if at != -1 and at < end:
+                    end = at
+            authority, tail = rest[:end], rest[end:]
             host = authority or host
-            target = slash + tail if slash else "/"
+            target = tail if tail.startswith("/") else "/" + tail
         self.host = host
         self.target = target
         path = target.partition("?")[0]
@@ -453,6 +460,7 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "_active",
+        "_discarding",
         "_drain",
         "_eof",
         "_expect",
@@ -465,7 +473,6 @@ class _Connection(asyncio.Protocol):
         "_key_name",
         "_key_size",
         "_length",
-        "_lingering",
         "_parser",
         "_queue",
         "_read_size",
@@ -509,7 +516,7 @@ class _Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._eof = False
-        self._lingering: Request | None = None
+        self._discarding = False
         self.write_paused = False
         self.closing = False
         self.lost = False
@@ -532,14 +539,14 @@ class _Connection(asyncio.Protocol):
             return
 
     def data_received(self, data: bytes) -> None:
-        if self.closing and self._active is None and self._lingering is None:
+        if self._discarding or (self.closing and self._active is None):
             return
         self._read_size = len(data)
         try:
             self._parser.feed_data(data)
             # Requests are served once the read is parsed, so that a body that came
             # with its head is complete when the handler first sees the request.
-            if self._active is None and self._queue:
+            if self._active is None and self._queue and not self.closing:
                 self._next()
             if self._in_head:
                 # llhttp holds a header line until it ends: bound what it may hold.
@@ -603,7 +610,18 @@ class _Connection(asyncio.Protocol):
         self._url.append(url)
         self._in_head = True
 
+    def on_chunk_header(self) -> None:
+        # A chunk's size line, or the last one's and its trailer section: bounded like
+        # a head while llhttp holds it (see data_received).
+        self._in_head = True
+
+    def on_chunk_complete(self) -> None:
+        self._in_head = False
+        self._head_fed = 0
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._url:
+            return  # a chunked body's trailer field: not relayed, never a header
         size = len(name)
         # The length test keeps lower() off most headers.
         if size == self._key_size and name.lower() == self._key_name and self._key is None:
@@ -651,6 +669,12 @@ class _Connection(asyncio.Protocol):
         self._expect = False
         self._length = -1
         request.upgrade = parser.should_upgrade()
+        if self.closing:
+            # The connection ends after the answer under way (an early 413, shutdown):
+            # a request behind it is read past, never served.
+            request._limit = 0
+            self._request = request
+            return
         self._request = request
         if request.upgrade:
             # Answered once the parser has stopped at the upgrade (see _upgraded).
@@ -666,17 +690,18 @@ class _Connection(asyncio.Protocol):
             self._transport.pause_reading()
 
     def on_body(self, body: bytes) -> None:
+        self._in_head = False
         request = self._request
         if request is not None:
             request._feed(body)
 
     def on_message_complete(self) -> None:
+        self._in_head = False
+        self._head_fed = 0
         request = self._request
         if request is not None and not request.upgrade:
             self._request = None
             request._end()
-            if request is self._lingering and self._transport is not None:
-                self._transport.close()
 
     # --- requests -------------------------------------------------------------------
 
@@ -725,6 +750,16 @@ class _Connection(asyncio.Protocol):
         self._active = request
         if queue:
             self._hold_pipeline()
+        elif (
+            self._reading_paused
+            and not request.upgrade
+            and not request.rest
+            and not self.closing
+            and self._transport is not None
+        ):
+            # Its body (or what follows it) may still be on the way: read again.
+            self._reading_paused = False
+            self._transport.resume_reading()
         try:
             work = self._server.handler(request)
         except Exception:
@@ -774,18 +809,10 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         if self.lost or transport is None:
             return
-        if not request._body_done and not self.closing and not self._eof:
-            # Answered before its body was read (413): the client may still be sending
-            # it and would miss the answer if the connection closed under it. Read and
-            # drop the rest for a while, then close.
-            self.closing = True
-            self._lingering = request
-            request._limit = 0
-            self._queue.clear()
-            if self._reading_paused:
-                self._reading_paused = False
-                transport.resume_reading()
-            self._timer = self.loop.call_later(LINGER_SECONDS, transport.close)
+        if (not request._body_done or self._discarding) and not self._eof:
+            # Answered before its body was read (413, a broken body) or after a
+            # malformed request behind it: the client may still be sending.
+            self._linger()
             self._server.connection_gone()
             return
         if not request.keep_alive or not request._body_done or self.closing or self._eof:
@@ -836,6 +863,7 @@ class _Connection(asyncio.Protocol):
         if transport is None or self.lost:
             return
         self.closing = True
+        self._discarding = True  # nothing more is parsed on this connection
         active = self._active
         if active is not None:
             # An exchange is under way: let it finish, then close. If it is still
@@ -850,8 +878,27 @@ class _Connection(asyncio.Protocol):
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode()
         transport.write(head + body)
-        transport.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after the answer, reading and dropping what the client still sends for
+        a while first: closing with bytes unread resets the connection, and the client
+        could lose the answer with it (a 413 while it still sends its body)."""
+        self.closing = True
+        self._discarding = True
+        self._request = None
+        self._queue.clear()
+        transport = self._transport
+        if transport is None or self.lost:
+            return
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        if transport.can_write_eof():
+            with contextlib.suppress(OSError, RuntimeError):
+                transport.write_eof()
         self._disarm()
+        self._timer = self.loop.call_later(LINGER_SECONDS, transport.close)
 
     # --- writing --------------------------------------------------------------------
 
@@ -888,7 +935,7 @@ class _Connection(asyncio.Protocol):
         if (
             self._idle_since < since
             and not self.busy
-            and self._lingering is None
+            and not self._discarding
             and self._transport is not None
             and not self.lost
         ):
