@@ -1,8 +1,14 @@
-"""Review findings: the lean server and the callback relay, black-box over loopback.
+"""The callback relay and the server's edge cases, black-box over loopback.
 
-Every test talks to a real proxy from raw client sockets. A request that is not the
-first on its client connection finds a warm upstream connection and is relayed by
-callbacks (``_Direct``); the tests warm the pool first where that path is the point.
+Every test talks to a real proxy from raw client sockets (``tests.raw_http``). A request
+that is not the first on its client connection finds a warm upstream connection and is
+relayed by callbacks (``_Direct``); the tests warm the pool first where that path is the
+point. Covered: pipelined requests whose bodies arrive late, chunk trailers (neither
+headers of the next request nor unbounded), lingering close after a 413, absolute-form
+targets, a callback exchange failing before the head, back-pressure from a slow reader,
+the client gone before the head or mid-stream, HEAD/204/304, the backend failing
+mid-body, forwarded and connection-named headers, HTTP/1.0 clients, metrics counted once
+per exchange, and shutdown with a held exchange.
 """
 
 from __future__ import annotations
@@ -10,117 +16,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
-from multidict import CIMultiDict
 
 from proxy.app import ProxyServer
-from tests.proxy_harness import ROUTES, flags_document, make_settings, running_proxy, write_flags
+from tests.proxy_harness import flags_document, make_settings, running_proxy, write_flags
+from tests.raw_http import (
+    STREAM_PARTS,
+    Backend,
+    Client,
+    ServerFactory,
+    bounded,
+    connect,
+    proxy_for,
+    read_body,
+    read_head,
+    request,
+    url_of,
+)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-ServerFactory = Callable[..., Awaitable[TestServer]]
-T = TypeVar("T")
+# The ``backend`` and ``proxy`` fixtures: pytest finds them among this module's names.
+from tests.raw_http import backend_fixture as backend_fixture
+from tests.raw_http import proxy_fixture as proxy_fixture
 
-TIMEOUT = 5.0
-HANG = 2.0  # how long a test waits for something a bug makes never happen
-STATUS_LINE = re.compile(r"(HTTP/1\.[01]) (\d{3})(?: .*)?")
-
-
-async def bounded(awaitable: Awaitable[T], within: float = TIMEOUT) -> T:
-    return await asyncio.wait_for(awaitable, within)
-
-
-# --- an aiohttp backend that records what reaches it -----------------------------------
-
-
-@dataclass(frozen=True)
-class Seen:
-    method: str
-    path_qs: str
-    headers: CIMultiDict[str]
-    body: bytes
-
-
-@dataclass
-class Backend:
-    url: str
-    seen: list[Seen]
-    release: asyncio.Event
-
-    @property
-    def paths(self) -> list[str]:
-        return [s.path_qs for s in self.seen]
-
-
-STREAM_PARTS = (b"part-1;", b"part-2;", b"part-3;")
-
-
-def backend_app(seen: list[Seen], release: asyncio.Event) -> web.Application:
-    """``/stream/...`` streams STREAM_PARTS (the rest once ``release`` is set),
-    ``/nocontent`` is a 204, ``/notmodified`` a 304, ``/big`` streams without end (see
-    ``big_handler``); anything else answers with its raw path."""
-
-    @web.middleware
-    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
-        body = await request.read()
-        seen.append(Seen(request.method, request.raw_path, CIMultiDict(request.headers), body))
-        return await handler(request)
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        if request.path.startswith("/stream/"):
-            response = web.StreamResponse()
-            response.content_type = "application/octet-stream"
-            await response.prepare(request)
-            first, *rest = STREAM_PARTS
-            await response.write(first)
-            await release.wait()
-            for part in rest:
-                await response.write(part)
-            await response.write_eof()
-            return response
-        if request.path == "/nocontent":
-            return web.Response(status=204)
-        if request.path == "/notmodified":
-            return web.Response(status=304, headers={"ETag": '"v1"'})
-        return web.Response(body=request.raw_path.encode(), content_type="text/plain")
-
-    app = web.Application(middlewares=[record])
-    app.router.add_route("*", "/{tail:.*}", handle)
-    return app
-
-
-def url_of(server: TestServer) -> str:
-    return f"http://127.0.0.1:{server.port}"
-
-
-@pytest.fixture
-async def backend(aiohttp_server: ServerFactory) -> AsyncIterator[Backend]:
-    seen: list[Seen] = []
-    release = asyncio.Event()
-    yield Backend(url_of(await aiohttp_server(backend_app(seen, release))), seen, release)
-    release.set()
-
-
-@asynccontextmanager
-async def proxy_for(url: str, tmp_path: Path, **server: float) -> AsyncIterator[ProxyServer]:
-    flags = write_flags(tmp_path / "flags.json", flags_document(rollout=0))
-    settings = make_settings(url, url, flags, routes=ROUTES, server=server)
-    async with running_proxy(settings) as proxy:
-        yield proxy
-
-
-@pytest.fixture
-async def proxy(backend: Backend, tmp_path: Path) -> AsyncIterator[ProxyServer]:
-    async with proxy_for(backend.url, tmp_path) as server:
-        yield server
+HANG = 2.0  # a shorter bound where only a stuck proxy would keep a test waiting
 
 
 # --- a raw backend: one coroutine per connection ---------------------------------------
@@ -170,119 +95,7 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
-# --- the raw client --------------------------------------------------------------------
-
-
-def request(
-    method: str, target: str, *headers: str, body: bytes = b"", version: str = "HTTP/1.1"
-) -> bytes:
-    lines = [f"{method} {target} {version}", "Host: proxy.test", *headers]
-    if body:
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-@dataclass(frozen=True)
-class Response:
-    version: str
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-    raw: bytes
-
-    def all(self, name: str) -> list[str]:
-        return [value for key, value in self.headers if key.lower() == name.lower()]
-
-    def get(self, name: str) -> str | None:
-        values = self.all(name)
-        assert len(values) <= 1, f"{name} repeated: {values}"
-        return values[0] if values else None
-
-    def tokens(self, name: str) -> set[str]:
-        return {t.strip().lower() for v in self.all(name) for t in v.split(",") if t.strip()}
-
-
-async def read_chunked(reader: asyncio.StreamReader, within: float = TIMEOUT) -> bytes:
-    body = b""
-    while True:
-        size_line = await bounded(reader.readuntil(b"\r\n"), within)
-        size = int(size_line.split(b";")[0].strip(), 16)
-        if size == 0:
-            break
-        chunk = await bounded(reader.readexactly(size + 2), within)
-        assert chunk.endswith(b"\r\n"), chunk
-        body += chunk[:-2]
-    while await bounded(reader.readuntil(b"\r\n"), within) != b"\r\n":
-        pass
-    return body
-
-
-async def read_head(reader: asyncio.StreamReader, within: float = TIMEOUT) -> Response:
-    raw_head = await bounded(reader.readuntil(b"\r\n\r\n"), within)
-    status_line, *lines = raw_head[:-4].decode("latin-1").split("\r\n")
-    match = STATUS_LINE.fullmatch(status_line)
-    assert match is not None, raw_head
-    headers = []
-    for line in lines:
-        name, colon, value = line.partition(":")
-        assert colon and name == name.strip(), raw_head
-        headers.append((name, value.strip()))
-    return Response(match.group(1), int(match.group(2)), headers, b"", raw_head)
-
-
-async def read_body(
-    reader: asyncio.StreamReader, response: Response, within: float = TIMEOUT
-) -> Response:
-    if response.status < 200 or response.status in (204, 304):
-        return response
-    if "chunked" in response.tokens("Transfer-Encoding"):
-        body = await read_chunked(reader, within)
-    elif (length := response.get("Content-Length")) is not None:
-        body = await bounded(reader.readexactly(int(length)), within)
-    else:
-        body = await bounded(reader.read(), within)
-    return replace(response, body=body)
-
-
-class Client:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await bounded(self.writer.drain())
-
-    async def response(self, *, head: bool = False, within: float = TIMEOUT) -> Response:
-        response = await read_head(self.reader, within)
-        return response if head else await read_body(self.reader, response, within)
-
-    async def exchange(self, data: bytes, *, head: bool = False) -> Response:
-        await self.send(data)
-        return await self.response(head=head)
-
-    async def rest(self) -> bytes:
-        """What the proxy still sends before it closes; a reset counts as closed."""
-        try:
-            return await bounded(self.reader.read())
-        except ConnectionResetError:
-            return b""
-
-
-@asynccontextmanager
-async def connect(proxy: ProxyServer, *, rcvbuf: int | None = None) -> AsyncIterator[Client]:
-    sock = socket.socket()
-    if rcvbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", proxy.proxy_port))
-    reader, writer = await bounded(asyncio.open_connection(sock=sock, limit=65536))
-    try:
-        yield Client(reader, writer)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+# --- warming, metrics, loop errors and closed connections ------------------------------
 
 
 async def warm(client: Client) -> None:
@@ -319,7 +132,17 @@ def loop_errors() -> Iterator[list[dict[str, Any]]]:
         loop.set_exception_handler(previous)
 
 
-# === confirmed bugs ====================================================================
+async def assert_closed_soon(upstream: RawBackend) -> None:
+    """The backend's connection ends within a second of now (the client has just gone)."""
+    gone = asyncio.get_running_loop().time()
+    for _ in range(100):
+        if upstream.closed:
+            break
+        await asyncio.sleep(0.01)
+    assert upstream.closed and upstream.closed[0] - gone < 1.0
+
+
+# --- pipelining, trailers, lingering close and targets ---------------------------------
 
 
 async def test_a_pipelined_request_whose_body_arrives_later_is_answered(
@@ -327,7 +150,7 @@ async def test_a_pipelined_request_whose_body_arrives_later_is_answered(
 ) -> None:
     # The POST's head came with the GET, while the GET was being served: reading was
     # paused to hold the pipeline, and must resume once the POST is the one served.
-    # (A short grace: with reading paused the proxy never sees this client leave.)
+    # (A short grace: while its reading is paused the proxy does not see this client leave.)
     async with (
         proxy_for(backend.url, tmp_path, shutdown_grace=0.2) as proxy,
         connect(proxy) as client,
@@ -364,8 +187,7 @@ async def test_chunked_request_trailers_do_not_become_headers_of_the_next_reques
 async def test_a_trailer_section_over_the_head_limit_is_refused(
     proxy: ProxyServer, backend: Backend
 ) -> None:
-    # A header section over 64 KiB is a 431; a trailer section is not bounded at all,
-    # and (see above) ends up as a header of the next request.
+    # A trailer section is bounded like a header section: over 64 KiB is refused.
     async with connect(proxy) as client:
         await client.send(
             b"POST /echo/trailer HTTP/1.1\r\nHost: proxy.test\r\nTransfer-Encoding: chunked\r\n"
@@ -448,12 +270,12 @@ async def test_a_callback_exchange_failing_before_the_head_raises_nothing_later(
     outcome = "broken" if failure == "malformed-head" else "timeout"
     assert counts.get(("echo", "legacy", "primary", outcome)) == 1, counts
     assert response.status == 200
-    # The upstream connection's loss must not report the failure to the exchange again:
-    # it does, and respond() raises "the response has started" out of connection_lost.
+    # The failure is reported to the exchange once: the upstream connection's loss after it
+    # raises nothing out of connection_lost into the loop's exception handler.
     assert [repr(e.get("exception")) for e in errors] == []
 
 
-# === passing: behaviour of the callback relay worth keeping covered ====================
+# --- the callback relay ---------------------------------------------------------------
 
 
 async def test_a_slow_reader_of_a_callback_relayed_stream_holds_back_the_backend(
@@ -509,12 +331,7 @@ async def test_a_client_gone_while_a_callback_exchange_awaits_the_head_closes_up
             await client.send(request("GET", "/echo/never"))
             await bounded(second.wait())
             assert upstream.closed == []
-        gone = asyncio.get_running_loop().time()
-        for _ in range(100):
-            if upstream.closed:
-                break
-            await asyncio.sleep(0.01)
-        assert upstream.closed and upstream.closed[0] - gone < 1.0
+        await assert_closed_soon(upstream)
         counts = requests_counted(proxy)
     assert counts.get(("echo", "legacy", "primary", "client_closed")) == 1, counts
 
@@ -535,12 +352,7 @@ async def test_a_client_gone_mid_stream_of_a_callback_exchange_closes_upstream(
             await client.send(request("GET", "/echo/mid"))
             await read_head(client.reader)
             assert await bounded(client.reader.readuntil(b"first;\r\n"))
-        gone = asyncio.get_running_loop().time()
-        for _ in range(100):
-            if upstream.closed:
-                break
-            await asyncio.sleep(0.01)
-        assert upstream.closed and upstream.closed[0] - gone < 1.0
+        await assert_closed_soon(upstream)
         counts = requests_counted(proxy)
     assert counts.get(("echo", "legacy", "primary", "client_closed")) == 1, counts
 
