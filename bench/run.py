@@ -671,12 +671,13 @@ Probe = Callable[[], dict[str, float]]
 
 
 def settled(probe: Probe, timeout: float = 5.0) -> dict[str, float]:
-    """The probe's counters once two readings 0.25 s apart agree (the shadows still in
-    flight when the load stopped have finished), or after ``timeout``."""
+    """The probe's counters once two readings 0.75 s apart agree (the shadows still in
+    flight when the load stopped have finished, and worker processes, which flush their
+    counts every half second, have flushed), or after ``timeout``."""
     reading = probe()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        time.sleep(0.25)
+        time.sleep(0.75)
         again = probe()
         if again == reading:
             break
