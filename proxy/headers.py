@@ -100,22 +100,23 @@ def _clean(
     out: list[tuple[AnyStr, AnyStr]] = []
     forwarded_for: list[AnyStr] = []
     named: set[AnyStr] | None = None
+    connection, prefix, forwarded = spelling.connection, spelling.prefix, spelling.forwarded_for
     for name, value in headers:
         lower = name.lower()
         if lower in drop:
-            if lower == spelling.connection:
+            if lower == connection:
                 tokens = {token.strip().lower() for token in value.split(spelling.comma)}
                 named = tokens if named is None else named | tokens
             continue
-        if lower.startswith(spelling.prefix):
+        if lower.startswith(prefix):
             continue
-        if lower == spelling.forwarded_for:
+        if lower == forwarded:
             forwarded_for.append(value)
             continue
         out.append((name, value))
     if named:
         out = [(name, value) for name, value in out if name.lower() not in named]
-        if spelling.forwarded_for in named:
+        if forwarded in named:
             forwarded_for = []
     return out, forwarded_for
 
