@@ -183,6 +183,19 @@ def _mark_ordered(state: _State, seen: dict[int, bool]) -> bool:
     return reaches
 
 
+def _replaced(
+    obj: Mapping[str, Any], copy: dict[str, Any] | None, key: str, new: Any
+) -> dict[str, Any]:
+    """``obj`` copied on first write (``copy``), with ``key`` set to ``new`` or removed."""
+    if copy is None:
+        copy = dict(obj)
+    if new is _REMOVED:
+        del copy[key]
+    else:
+        copy[key] = new
+    return copy
+
+
 def _walk_object(
     obj: Mapping[str, Any], state: _State, names: dict[str, dict[object, str]]
 ) -> Mapping[str, Any]:
@@ -194,12 +207,7 @@ def _walk_object(
         old = obj[key]
         new = _apply(child, old, names)
         if new is not old:
-            if copy is None:
-                copy = dict(obj)
-            if new is _REMOVED:
-                del copy[key]
-            else:
-                copy[key] = new
+            copy = _replaced(obj, copy, key, new)
     wildcard = state.wildcard
     if wildcard is None:
         return obj if copy is None else copy
@@ -213,12 +221,7 @@ def _walk_object(
             continue
         new = _apply(wildcard, old, names)
         if new is not old:
-            if copy is None:
-                copy = dict(obj)
-            if new is _REMOVED:
-                del copy[key]
-            else:
-                copy[key] = new
+            copy = _replaced(obj, copy, key, new)
     return obj if copy is None else copy
 
 

@@ -14,9 +14,8 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -63,17 +62,6 @@ def build_flag_provider(flags: FlagSettings) -> FlagProvider:
     )
 
 
-class _Done:
-    """An awaitable that is already done: a handler's answer with nothing to wait for."""
-
-    def __await__(self) -> Generator[Any, None, None]:
-        return
-        yield
-
-
-_DONE = _Done()
-
-
 def build_handler(proxy: Proxy) -> Handler:
     """The proxy listener's one handler: route, decide, relay.
 
@@ -93,12 +81,12 @@ def build_handler(proxy: Proxy) -> Handler:
         if proxy.draining:
             label = route.name if route is not None else UNROUTED
             respond_error(request, 503, "shutting_down", "the proxy is draining", backend, label)
-            return _DONE
+            return None
         experiment = proxy.experiments.get(route.name) if route is not None else None
         if experiment is None or not experiment.watches:
             return relay_websocket_direct(request, proxy, route, backend)
         request.hand_off()  # a watched session: aiohttp's relay decodes its messages
-        return _DONE
+        return None
 
     return handle
 

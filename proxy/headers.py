@@ -154,10 +154,12 @@ def upstream_request_block(
     client_ip: str | None,
     proto: str,
     host: str | None,
+    websocket: bool = False,
 ) -> bytes:
     """``upstream_request_headers`` over a parser's raw headers, as the header lines of
     the upstream request (each ending CRLF)."""
-    out, forwarded_for = _clean(headers, _BYTES.request_drop, _BYTES)
+    drop = _BYTES.websocket_drop if websocket else _BYTES.request_drop
+    out, forwarded_for = _clean(headers, drop, _BYTES)
     lines = [b"%b: %b\r\n" % pair for pair in out]
     if client_ip:
         forwarded_for.append(client_ip.encode())
@@ -169,19 +171,13 @@ def upstream_request_block(
     return b"".join(lines)
 
 
-def downstream_response_headers(headers: Iterable[tuple[str, str]], backend: str) -> Headers:
-    """The backend's response headers as the client should see them."""
-    out, forwarded_for = _clean(headers, _TEXT.hop_by_hop, _TEXT)
-    out.extend(("X-Forwarded-For", value) for value in forwarded_for)
-    out.append((BACKEND_HEADER, backend))
-    return out
-
-
 def downstream_response_block(
     headers: Iterable[tuple[bytes, bytes]], backend: str
 ) -> tuple[bytes, bytes | None]:
-    """``downstream_response_headers`` over a parser's raw headers, as header lines
-    without Content-Length; and the Content-Length value, if there was one."""
+    """The backend's response headers as the client should see them: hop-by-hop
+    headers, those a Connection header names and the proxy's own dropped,
+    ``X-Strangler-Backend`` added; as header lines without Content-Length, and the
+    Content-Length value, if there was one."""
     out, forwarded_for = _clean(headers, _BYTES.hop_by_hop, _BYTES)
     length = None
     lines = []

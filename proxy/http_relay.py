@@ -32,13 +32,7 @@ from adapters.framing import NdjsonFramer, SseFramer
 from adapters.isolation import belongs_to
 from proxy.context import Proxy
 from proxy.experiment import RouteExperiment
-from proxy.headers import (
-    SHADOW_HEADER,
-    downstream_response_block,
-    downstream_response_headers,
-    upstream_request_block,
-    upstream_request_headers,
-)
+from proxy.headers import SHADOW_HEADER, downstream_response_block, upstream_request_block
 from proxy.metrics import Outcome
 from proxy.observation import Observation, Recorder
 from proxy.routing import UNROUTED, Backend, Route
@@ -54,7 +48,7 @@ from proxy.upstream import (
 
 log = logging.getLogger("strangler.relay")
 
-Headers = Sequence[tuple[str, str]]
+SHADOW_LINE = f"{SHADOW_HEADER}: 1\r\n".encode()
 
 
 def error_body(
@@ -110,6 +104,7 @@ class _Exchange:
         self.user_field = settings.user_field if settings is not None and user_id else None
         self.recorder: Recorder | None = None
         self.primary_done: asyncio.Future[Observation] | None = None
+        self.first_at: float | None = None  # when the first body bytes came
 
     async def run(self) -> None:
         proxy, label, backend = self.proxy, self.label, self.backend
@@ -134,25 +129,38 @@ class _Exchange:
                 outcome = Outcome.CLIENT_ERROR
                 respond_error(request, 400, "bad_request", str(exc), backend, label)
                 return
-            headers = upstream_request_headers(
-                request.headers, client_ip=request.remote, proto=request.scheme, host=request.host
-            )
+            block = self._upstream_block()
             if self.experiment is not None and self.experiment.watches:
-                self._start_observing(headers, body)
-            outcome = await self._primary(headers, body)
+                self._start_observing(block, body)
+            outcome = await self._primary(block, body)
         except ClientGone:
             outcome = Outcome.CLIENT_CLOSED
         finally:
-            proxy.metrics.count_request(label, backend, "primary", outcome)
-            if outcome not in (Outcome.TOO_LARGE, Outcome.CLIENT_CLOSED):
-                proxy.metrics.observe_duration(
-                    label, backend, "primary", time.perf_counter() - self.started
-                )
-            self._finish_observing(outcome)
+            self._account(outcome)
+
+    def _account(self, outcome: Outcome) -> None:
+        """The exchange is over: count it, with its times, and conclude what it observed."""
+        started, first = self.started, self.first_at
+        timed = outcome is not Outcome.CLIENT_CLOSED and outcome is not Outcome.TOO_LARGE
+        self.proxy.metrics.exchange(
+            self.label,
+            self.backend,
+            "primary",
+            outcome,
+            time.perf_counter() - started if timed else None,
+            None if first is None else first - started,
+        )
+        self._finish_observing(outcome)
+
+    def _upstream_block(self) -> bytes:
+        request = self.request
+        return upstream_request_block(
+            request.raw_headers, client_ip=request.remote, proto=request.scheme, host=request.host
+        )
 
     # --- observation and shadow -------------------------------------------------------
 
-    def _start_observing(self, headers: Headers, body: bytes) -> None:
+    def _start_observing(self, block: bytes, body: bytes) -> None:
         route, experiment = self.route, self.experiment
         assert route is not None and experiment is not None
         settings = route.settings
@@ -185,7 +193,7 @@ class _Exchange:
                     target,
                     self.request.method,
                     self.request.target,
-                    headers,
+                    block,
                     body,
                     self.primary_done,
                     self.user_id if self.user_field is not None else None,
@@ -227,17 +235,12 @@ class _Exchange:
 
     # --- the primary exchange ---------------------------------------------------------
 
-    async def _primary(self, headers: Headers, body: bytes) -> Outcome:
+    async def _primary(self, block: bytes, body: bytes) -> Outcome:
         proxy, backend, label = self.proxy, self.backend, self.label
         request = self.request
         try:
             upstream = await proxy.pool.request(
-                proxy.backend_urls[backend],
-                request.method,
-                request.target,
-                headers,
-                body,
-                parsed=True,
+                proxy.backend_urls[backend], request.method, request.target, block, body
             )
         except UpstreamUnreachable as exc:
             return self._fail(502, "backend_unreachable", str(exc), Outcome.UNREACHABLE)
@@ -247,26 +250,20 @@ class _Exchange:
         except UpstreamError as exc:
             return self._fail(502, "backend_error", str(exc), Outcome.BROKEN)
         except ValueError as exc:
-            # A header the upstream client refuses to send (a control character, a
-            # conflicting length): the request itself is malformed.
+            # A request line the upstream client refuses to send: the request itself
+            # is malformed.
             respond_error(request, 400, "bad_request", str(exc), backend, label)
             return Outcome.CLIENT_ERROR
 
         recorder = self.recorder
         if recorder is not None:
             recorder.begin(upstream.status)
-        metrics = proxy.metrics
         outcome = outcome_of_status(upstream.status)
-        response_headers = downstream_response_headers(upstream.headers, backend)
+        block, length = downstream_response_block(upstream.raw_headers, backend)
         protocol = self.route.protocol if self.route is not None else "json"
         framed = self.user_field is not None and protocol in ("ndjson", "sse")
         if framed:
-            # Withheld events shorten the body: its length is only known at the end.
-            response_headers = [
-                (name, value)
-                for name, value in response_headers
-                if name.lower() != "content-length"
-            ]
+            length = None  # withheld events shorten the body: its length comes at the end
         async with upstream:
             if upstream.complete or (self.user_field is not None and protocol == "json"):
                 # The whole body came with the head (or must be seen whole before it may
@@ -277,7 +274,7 @@ class _Exchange:
                     return self._fail(502, "backend_error", str(exc), Outcome.BROKEN)
                 payload = parts[0] if len(parts) == 1 else b"".join(parts)
                 now = time.perf_counter()
-                metrics.observe_first_event(label, backend, "primary", now - self.started)
+                self.first_at = now
                 if framed:
                     whole = NdjsonFramer() if protocol == "ndjson" else SseFramer()
                     frames = whole.feed(payload) + whole.close()
@@ -294,31 +291,30 @@ class _Exchange:
                             label,
                         )
                         return Outcome.BROKEN
-                request.respond(upstream.status, upstream.reason, response_headers, payload)
+                request.respond_block(upstream.status, upstream.reason, block, payload, length)
                 return outcome
             first = await upstream.read_chunk() if upstream.buffered else b""
             now = time.perf_counter()
             if first:
-                metrics.observe_first_event(label, backend, "primary", now - self.started)
+                self.first_at = now
             framer = (NdjsonFramer() if protocol == "ndjson" else SseFramer()) if framed else None
             if framer is not None:
-                request.start(
+                request.start_block(
                     upstream.status,
                     upstream.reason,
-                    response_headers,
+                    block,
+                    length,
                     b"".join(self._kept(framer.feed(first), now)),
                 )
             else:
                 if recorder is not None and first:
                     recorder.feed(first, now)
-                request.start(upstream.status, upstream.reason, response_headers, first)
-            seen = bool(first)
+                request.start_block(upstream.status, upstream.reason, block, length, first)
             try:
                 async for chunk in upstream:
                     now = time.perf_counter()
-                    if not seen:
-                        metrics.observe_first_event(label, backend, "primary", now - self.started)
-                        seen = True
+                    if self.first_at is None:
+                        self.first_at = now
                     if framer is not None:
                         await self._relay_frames(framer.feed(chunk), now)
                         continue
@@ -335,10 +331,8 @@ class _Exchange:
                 if recorder is not None:
                     recorder.observation.error = str(exc)
                 return Outcome.BROKEN
-            if not seen:
-                metrics.observe_first_event(
-                    label, backend, "primary", time.perf_counter() - self.started
-                )
+            if self.first_at is None:
+                self.first_at = time.perf_counter()
             await request.finish()
         return outcome
 
@@ -374,12 +368,11 @@ def relay_http(
     """Relay one exchange: None when it runs by callbacks (``_Direct``), else the
     exchange's coroutine, to be awaited (no frame in between on the per-request path)."""
     body = request.body_at_hand(proxy.settings.server.max_body_bytes)
-    if body is not None:
-        direct = _Direct(request, proxy, route, backend, user_id)
-        # Isolation withholds events frame by frame: that stays with _Exchange.
-        if direct.user_field is None and direct.start(body):
-            return None
-    return _Exchange(request, proxy, route, backend, user_id).run()
+    exchange = _Direct(request, proxy, route, backend, user_id)
+    # Isolation withholds events frame by frame: that stays with the task.
+    if body is not None and exchange.user_field is None and exchange.start(body):
+        return None
+    return exchange.run()
 
 
 class _Direct(_Exchange):
@@ -390,26 +383,14 @@ class _Direct(_Exchange):
     that shadows or checks a contract, a recorder decodes what passes and the shadow runs
     beside it, as with ``_Exchange``; a route that checks isolation, an exchange with no
     idle connection at hand, and a retry after the keep-alive race go the way of
-    ``_Exchange``."""
+    ``_Exchange``'s ``run`` (which this object also has)."""
 
-    def __init__(
-        self,
-        request: Request,
-        proxy: Proxy,
-        route: Route | None,
-        backend: Backend,
-        user_id: str | None,
-    ) -> None:
-        super().__init__(request, proxy, route, backend, user_id)
-        self.response: UpstreamResponse | None = None
-        self.connection: UpstreamConnection | None = None
-        self.first_at: float | None = None  # when the first body bytes came
+    response: UpstreamResponse | None = None
+    connection: UpstreamConnection | None = None
 
     def start(self, body: bytes) -> bool:
         request = self.request
-        block = upstream_request_block(
-            request.raw_headers, client_ip=request.remote, proto=request.scheme, host=request.host
-        )
+        block = self._upstream_block()
         try:
             connection = self.proxy.pool.start(
                 self.proxy.backend_urls[self.backend],
@@ -420,16 +401,13 @@ class _Direct(_Exchange):
                 self,
             )
         except ValueError:
-            return False  # _Exchange answers it (400)
+            return False  # run() answers it (400)
         if connection is None:
             return False
         self.connection = connection
         request.on_events(self._client_lost, self._client_writable)
         if self.experiment is not None and self.experiment.watches:
-            headers = upstream_request_headers(
-                request.headers, client_ip=request.remote, proto=request.scheme, host=request.host
-            )
-            self._start_observing(headers, body)
+            self._start_observing(block, body)
         return True
 
     def upstream_ready(self, connection: UpstreamConnection) -> None:
@@ -520,17 +498,7 @@ class _Direct(_Exchange):
     def _done(self, outcome: Outcome) -> None:
         self.connection = None
         self.request.on_events(None, None)
-        started, first = self.started, self.first_at
-        duration = None if outcome is Outcome.CLIENT_CLOSED else time.perf_counter() - started
-        self.proxy.metrics.exchange(
-            self.label,
-            self.backend,
-            "primary",
-            outcome,
-            duration,
-            None if first is None else first - started,
-        )
-        self._finish_observing(outcome)
+        self._account(outcome)
 
 
 async def run_http_shadow(
@@ -540,7 +508,7 @@ async def run_http_shadow(
     backend: Backend,
     method: str,
     target: str,
-    headers: Headers,
+    block: bytes,
     body: bytes,
     primary_done: asyncio.Future[Observation],
     user_id: str | None = None,
@@ -565,9 +533,8 @@ async def run_http_shadow(
                 proxy.backend_urls[backend],
                 method,
                 target,
-                [*headers, (SHADOW_HEADER, "1")],
+                block + SHADOW_LINE,
                 body,
-                parsed=True,
             )
             recorder.begin(upstream.status)
             outcome = outcome_of_status(upstream.status)
@@ -595,9 +562,6 @@ async def run_http_shadow(
         leaked = sum(1 for e in observation.events if not belongs_to(e, user_field, user_id))
         if leaked:
             metrics.isolation_violations.labels(label, backend.value).inc(leaked)
-    metrics.count_request(label, backend.value, "shadow", outcome.value)
-    metrics.observe_duration(label, backend.value, "shadow", finished - started)
-    if observation.first_event is not None:
-        metrics.observe_first_event(label, backend.value, "shadow", observation.first_event)
+    metrics.exchange(label, backend, "shadow", outcome, finished - started, observation.first_event)
     primary = await primary_done
     experiment.conclude(primary, observation)

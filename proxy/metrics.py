@@ -167,9 +167,6 @@ class Metrics:
         counts = self._counts
         counts[key] = counts.get(key, 0) + 1
 
-    def observe_duration(self, route: str, backend: str, role: str, seconds: float) -> None:
-        self._observe(self._durations, (route, backend, role), seconds)
-
     def observe_first_event(self, route: str, backend: str, role: str, seconds: float) -> None:
         self._observe(self._first_events, (route, backend, role), seconds)
 

@@ -45,7 +45,8 @@ log = logging.getLogger("strangler.server")
 Headers = list[tuple[str, str]]
 RawHeaders = list[tuple[bytes, bytes]]
 # A handler answers with an awaitable to run as the request's task, or None when it
-# serves the request by callbacks (see Request.on_events).
+# has answered already or serves the request by callbacks (see Request.on_events): an
+# awaitable is only for a request it has not answered yet.
 Handler = Callable[["Request"], Awaitable[None] | None]
 Fallback = Callable[[], asyncio.Protocol]
 
@@ -721,6 +722,9 @@ class _Connection(asyncio.Protocol):
         if websocket:
             request.rest = rest
             request._end()
+            # The parser stops at an upgrade: answered instead of switched (refused,
+            # a 503 while draining), the connection cannot go on as HTTP and closes.
+            request.keep_alive = False
         else:
             # Not ours to switch to (h2c): served as HTTP/1.1, the offer ignored. The
             # parser skipped any body of such a request, so one with a body is refused.

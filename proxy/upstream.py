@@ -134,31 +134,13 @@ def _has_field(probe: str, name: str) -> bool:
     return probe.startswith(name) or f"\n{name}" in probe
 
 
-def _parsed_request_head(
-    origin: _Origin,
-    method: str,
-    target: str,
-    headers: Sequence[tuple[str, str]],
-    body: bytes,
-) -> tuple[bytes, bool]:
-    """The request head for headers an HTTP parser already checked (names are tokens)
-    and a proxy already cleaned (no Host, Connection, Transfer-Encoding or
-    Content-Length): a few counts stand in for the full validation."""
-    lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
-    length = f"Content-Length: {len(body)}\r\n" if body or method in _BODY_METHODS else ""
-    head = f"{method} {target} HTTP/1.1\r\n{origin.host_line}{lines}{length}\r\n"
-    breaks = 3 + len(headers) + (1 if length else 0)
-    if head.count("\n") != breaks or head.count("\r") != breaks or "\x00" in head:
-        raise ValueError("a line break or NUL in the request line or a header")
-    if " " in target or " " in method:
-        raise ValueError(f"invalid request line {method!r} {target!r}")
-    return head.encode("utf-8", "surrogateescape"), False
-
-
 def _block_request_head(
     origin: _Origin, method: str, target: str, block: bytes, body: bytes
 ) -> bytes:
-    """The request head around header lines already checked (see ``_parsed_request_head``)."""
+    """The request head around header lines a proxy made from a parser's headers: names
+    are tokens, values free of CR, LF and NUL (llhttp saw to it), and Host,
+    Connection, Transfer-Encoding and Content-Length are gone (the proxy saw to it),
+    so only the request line is left to check."""
     if " " in target or " " in method or "\n" in target or "\r" in target:
         raise ValueError(f"invalid request line {method!r} {target!r}")
     length = b"Content-Length: %d\r\n" % len(body) if body or method in _BODY_METHODS else b""
@@ -347,15 +329,11 @@ class UpstreamResponse:
 
     def release(self) -> None:
         """Give the connection back for reuse if the exchange ended cleanly, else close it."""
-        conn = self._conn
+        conn = self._detach()
         if conn is None:
             return
-        self._conn = None
-        conn._sink = None
         done = conn._phase == _DONE and conn._exc is None
         self._ended = self._ended or done
-        conn._chunks.clear()
-        conn._buffered = 0
         if done and conn._keep_alive and conn._open:
             conn._pool._put_idle(conn)
         else:
@@ -363,14 +341,19 @@ class UpstreamResponse:
 
     def close(self) -> None:
         """Abort the connection, e.g. because the client went away mid-stream."""
+        conn = self._detach()
+        if conn is not None:
+            conn._abort()
+
+    def _detach(self) -> _Connection | None:
+        """The connection, no longer this response's (its unread body dropped)."""
         conn = self._conn
-        if conn is None:
-            return
-        self._conn = None
-        conn._sink = None
-        conn._chunks.clear()
-        conn._buffered = 0
-        conn._abort()
+        if conn is not None:
+            self._conn = None
+            conn._sink = None
+            conn._chunks.clear()
+            conn._buffered = 0
+        return conn
 
     async def __aenter__(self) -> UpstreamResponse:
         return self
@@ -925,18 +908,16 @@ class UpstreamPool:
         origin: str,
         method: str,
         target: str,
-        headers: Sequence[tuple[str, str]],
+        headers: Sequence[tuple[str, str]] | bytes,
         body: bytes = b"",
-        *,
-        parsed: bool = False,
     ) -> UpstreamResponse:
         """Send one request to ``origin`` ("http://host:port") and return the response
         once its head is in.
 
         ``target`` and ``headers`` are sent verbatim (hop-by-hop headers must already be
         gone); the pool adds Host unless given and frames the body with Content-Length.
-        ``parsed``: the method, target and headers come from an HTTP parser and carry no
-        Host, Connection, Transfer-Encoding or Content-Length, which saves most checks.
+        ``headers`` as bytes: header lines (each ending CRLF) made from a parser's headers,
+        as for ``start``, which saves the checks.
         Raises ValueError for a request that cannot be written safely, UpstreamError
         (or its Unreachable and Timeout kinds) when the backend cannot answer.
         """
@@ -945,8 +926,8 @@ class UpstreamPool:
         place = self._origins.get(origin)
         if place is None:
             place = self._origin(origin)
-        if parsed:
-            head, close = _parsed_request_head(place, method, target, headers, body)
+        if isinstance(headers, bytes):
+            head, close = _block_request_head(place, method, target, headers, body), False
         else:
             head, close = _request_head(place, method, target, headers, body)
         head_only = method == "HEAD"
@@ -982,7 +963,7 @@ class UpstreamPool:
         None, with nothing sent, when no idle connection to ``origin`` is at hand (use
         ``request``). ``header_block`` is the header lines (each ending CRLF) as a
         proxy made them from a parser's headers: no Host, Connection,
-        Transfer-Encoding or Content-Length (see ``request``'s ``parsed``); ValueError
+        Transfer-Encoding or Content-Length (see ``_block_request_head``); ValueError
         for a request that cannot be written safely."""
         if self._closed:
             return None

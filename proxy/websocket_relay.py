@@ -33,7 +33,7 @@ from proxy.turns import TurnTracker
 
 log = logging.getLogger("strangler.relay")
 
-BAD_GATEWAY = 1014
+BAD_GATEWAY = WSCloseCode.BAD_GATEWAY
 # Codes that describe a connection's end but may never be sent in a close frame.
 _UNSENDABLE = frozenset({1005, 1006, 1015})
 

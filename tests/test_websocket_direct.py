@@ -374,6 +374,29 @@ def proxy_to(
     return running_proxy(settings)
 
 
+@contextlib.asynccontextmanager
+async def stoppable(
+    url: str, flags: Path
+) -> AsyncIterator[tuple[ProxyServer, Callable[[], asyncio.Task[bool | None]]]]:
+    """A proxy, and a call that starts stopping it in the background (the task); stopped
+    at the exit either way."""
+    running = proxy_to(url, flags)
+    server = await running.__aenter__()
+    stopping: list[asyncio.Task[bool | None]] = []
+
+    def stop() -> asyncio.Task[bool | None]:
+        stopping.append(asyncio.create_task(running.__aexit__(None, None, None)))
+        return stopping[0]
+
+    try:
+        yield server, stop
+    finally:
+        if stopping:
+            await stopping[0]
+        else:
+            await running.__aexit__(None, None, None)
+
+
 @pytest.fixture
 async def proxy(echo: tuple[EchoBackend, str], flags_path: Path) -> AsyncIterator[ProxyServer]:
     async with proxy_to(echo[1], flags_path) as server:
@@ -830,6 +853,9 @@ async def test_an_invalid_client_handshake_gets_400_and_never_reaches_the_backen
         client.reader.readexactly(int(client.headers["content-length"])), 5
     )
     assert b"bad_request" in body
+    # A refused upgrade ends the connection: the parser stopped at the upgrade.
+    assert client.headers["connection"] == "close"
+    assert await at_eof(client.reader)
     await asyncio.sleep(0.1)
     assert echo[0].connections == 0
 
@@ -890,25 +916,44 @@ async def test_stopping_the_proxy_closes_the_client_and_the_backend_with_1001(
     echo: tuple[EchoBackend, str], flags_path: Path, connect: Connect
 ) -> None:
     backend = echo[0]
-    running = proxy_to(echo[1], flags_path)
-    server = await running.__aenter__()
-    stopping: asyncio.Task[bool | None] | None = None
-    try:
+    async with stoppable(echo[1], flags_path) as (server, stop):
         client = await connect(server)
         await client.send_frame(TEXT, b"before the end")
         assert (await client.recv()).payload == b"before the end"
-        stopping = asyncio.create_task(running.__aexit__(None, None, None))
+        stopped = stop()
         code, _ = await client.recv_close()
         assert code == 1001
         await client.send_frame(CLOSE, close_payload(1001))
         assert await at_eof(client.reader)
         assert (await backend_close(backend))[0] == 1001
-        await asyncio.wait_for(stopping, 5)
-    finally:
-        if stopping is None:
-            await running.__aexit__(None, None, None)
-        elif not stopping.done():
-            await stopping
+        await asyncio.wait_for(asyncio.shield(stopped), 5)
+
+
+async def test_an_upgrade_while_the_proxy_drains_is_refused_with_503(
+    echo: tuple[EchoBackend, str], flags_path: Path, connect: Connect
+) -> None:
+    async with stoppable(echo[1], flags_path) as (server, stop):
+        session = await connect(server)
+        late = await connect(server, handshake=False)  # connected, nothing sent yet
+        stopped = stop()
+        # The session's 1001 says the proxy drains; its connections are still open.
+        assert (await session.recv_close())[0] == 1001
+        key = base64.b64encode(os.urandom(16)).decode()
+        await late.send_head(
+            [
+                "GET /ws/agent HTTP/1.1",
+                "Host: proxy.test",
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                f"Sec-WebSocket-Key: {key}",
+                "Sec-WebSocket-Version: 13",
+                "X-User-Id: user-2",
+            ]
+        )
+        assert await late.read_head() == 503
+        assert late.headers["connection"] == "close"
+        await session.send_frame(CLOSE, close_payload(1001))
+        await asyncio.wait_for(asyncio.shield(stopped), 5)
 
 
 # -- 12. metrics --------------------------------------------------------------------------------
