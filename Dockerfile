@@ -1,9 +1,11 @@
 # strangler: the proxy as a container image, from the built wheel.
 #   docker build -t strangler .
 #   docker run -p 8080:8080 -p 8081:8081 -v $PWD/conf:/etc/strangler strangler
-FROM python:3.11-slim AS build
+# The full image has the C compiler that compiles the per-request modules (setup.py);
+# the runtime image gets only the built wheel.
+FROM python:3.11 AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 COPY adapters ./adapters
 COPY flags ./flags
@@ -12,7 +14,8 @@ RUN pip install --no-cache-dir build && python -m build --wheel --outdir /dist
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin strangler
 COPY --from=build /dist/*.whl /tmp/
-RUN pip install --no-cache-dir /tmp/*.whl && rm /tmp/*.whl
+RUN pip install --no-cache-dir /tmp/*.whl && rm /tmp/*.whl \
+    && strangler --version | grep -q compiled
 # Listen on all interfaces inside the container; the admin listener stays a separate port.
 ENV STRANGLER_SERVER__HOST=0.0.0.0 \
     STRANGLER_ADMIN__HOST=0.0.0.0 \

@@ -32,8 +32,8 @@ def read_flags(path: Path) -> FlagSet:
         raise FlagsDocumentError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     try:
         return parse_flags(raw)
-    except FlagsDocumentError as exc:
-        raise FlagsDocumentError(f"{path}: {exc}") from exc
+    except FlagsDocumentError as invalid:
+        raise FlagsDocumentError(f"{path}: {invalid}") from invalid
 
 
 class FileFlagProvider:

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from flags.file import FileFlagProvider
 from flags.provider import FlagProvider
 from flags.unleash import UnleashFlagProvider
+from proxy import __version__, build
 from proxy.admin import build_admin_app, refresh_rollout_gauges
 from proxy.context import Proxy
 from proxy.divergence_store import DivergenceStore
@@ -253,7 +254,9 @@ class ProxyServer:
         )
         await self._http.start(proxy_sock)
         log.info(
-            "strangler listening on %s (admin %s), legacy %s, candidate %s, flags %s",
+            "strangler %s (%s) listening on %s (admin %s), legacy %s, candidate %s, flags %s",
+            __version__,
+            build(),
             self.proxy_url,
             self.admin_url,
             self.settings.backends.legacy,

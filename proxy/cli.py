@@ -12,7 +12,7 @@ from typing import Any
 
 from flags.document import FlagsDocumentError
 from flags.file import read_flags
-from proxy import __version__
+from proxy import __version__, build
 from proxy.settings import ConfigError, Settings, load_settings
 
 
@@ -120,7 +120,9 @@ def _parser() -> argparse.ArgumentParser:
             "WebSocket."
         ),
     )
-    parser.add_argument("--version", action="version", version=f"strangler {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"strangler {__version__} ({build()})"
+    )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )

@@ -9,7 +9,7 @@ speak for the proxy: its ``X-Strangler-*`` headers are dropped. The proxy adds t
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import AnyStr, Generic, NamedTuple
+from typing import Any, AnyStr, Generic, NamedTuple
 
 HOP_BY_HOP = frozenset(
     {
@@ -99,13 +99,17 @@ def _clean(
     proxy's own; and the X-Forwarded-For values, taken out (unless Connection names it)."""
     out: list[tuple[AnyStr, AnyStr]] = []
     forwarded_for: list[AnyStr] = []
-    named: set[AnyStr] | None = None
-    connection, prefix, forwarded = spelling.connection, spelling.prefix, spelling.forwarded_for
+    # Typed Any: compiled, the body is one for both spellings, not one per spelling.
+    named: set[Any] | None = None
+    connection: Any = spelling.connection
+    prefix: Any = spelling.prefix
+    forwarded: Any = spelling.forwarded_for
+    comma: Any = spelling.comma
     for name, value in headers:
         lower = name.lower()
         if lower in drop:
             if lower == connection:
-                tokens = {token.strip().lower() for token in value.split(spelling.comma)}
+                tokens = {token.strip().lower() for token in value.split(comma)}
                 named = tokens if named is None else named | tokens
             continue
         if lower.startswith(prefix):

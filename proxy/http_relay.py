@@ -244,15 +244,15 @@ class _Exchange:
             )
         except UpstreamUnreachable as exc:
             return self._fail(502, "backend_unreachable", str(exc), Outcome.UNREACHABLE)
-        except UpstreamTimeout as exc:
-            detail = str(exc) or "no response within the backend timeout"
+        except UpstreamTimeout as timeout:
+            detail = str(timeout) or "no response within the backend timeout"
             return self._fail(504, "backend_timeout", detail, Outcome.TIMEOUT)
-        except UpstreamError as exc:
-            return self._fail(502, "backend_error", str(exc), Outcome.BROKEN)
-        except ValueError as exc:
+        except UpstreamError as broken:
+            return self._fail(502, "backend_error", str(broken), Outcome.BROKEN)
+        except ValueError as refused:
             # A request line the upstream client refuses to send: the request itself
             # is malformed.
-            respond_error(request, 400, "bad_request", str(exc), backend, label)
+            respond_error(request, 400, "bad_request", str(refused), backend, label)
             return Outcome.CLIENT_ERROR
 
         recorder = self.recorder
@@ -270,8 +270,8 @@ class _Exchange:
                 # go out): answer in one write, nothing to stream.
                 try:
                     parts = [chunk async for chunk in upstream]
-                except UpstreamError as exc:
-                    return self._fail(502, "backend_error", str(exc), Outcome.BROKEN)
+                except UpstreamError as broken:
+                    return self._fail(502, "backend_error", str(broken), Outcome.BROKEN)
                 payload = parts[0] if len(parts) == 1 else b"".join(parts)
                 now = time.perf_counter()
                 self.first_at = now
@@ -323,13 +323,15 @@ class _Exchange:
                     await request.write(chunk)
                 if framer is not None:
                     await self._relay_frames(framer.close(), time.perf_counter())
-            except UpstreamError as exc:
+            except UpstreamError as broken:
                 # The status line is gone already: the only honest signal left is to cut
                 # the client's connection so it cannot mistake a truncated body for whole.
-                log.warning("backend %s failed mid-response on route %s: %s", backend, label, exc)
+                log.warning(
+                    "backend %s failed mid-response on route %s: %s", backend, label, broken
+                )
                 request.abort()
                 if recorder is not None:
-                    recorder.observation.error = str(exc)
+                    recorder.observation.error = str(broken)
                 return Outcome.BROKEN
             if self.first_at is None:
                 self.first_at = time.perf_counter()
@@ -550,8 +552,8 @@ async def run_http_shadow(
         observation.error = str(exc)
         outcome = Outcome.UNREACHABLE
         shadows.drop(label, "unreachable")
-    except UpstreamError as exc:
-        observation.error = str(exc)
+    except UpstreamError as broken:
+        observation.error = str(broken)
         outcome = Outcome.BROKEN
         shadows.drop(label, "error")
     finished = time.perf_counter()

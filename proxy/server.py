@@ -66,7 +66,7 @@ class BadBody(Exception):
     """The request body cannot be parsed (its framing is broken)."""
 
 
-class ClientGone(ConnectionError):
+class ClientGone(Exception):
     """The client closed the connection."""
 
 
@@ -453,7 +453,7 @@ class Request:
         """The request head as it came (names and values as sent)."""
         lines = [f"{self.method} {self.target} HTTP/{self.version}\r\n"]
         head = "".join(lines).encode(*_ENCODING)
-        return head + b"".join(b"%b: %b\r\n" % pair for pair in self.raw_headers) + b"\r\n"
+        return head + b"".join([b"%b: %b\r\n" % pair for pair in self.raw_headers]) + b"\r\n"
 
 
 class _Connection(asyncio.Protocol):

@@ -184,7 +184,7 @@ def _request_head(
         if _has_field(probe, "connection:"):
             close = any(
                 name.lower() == "connection"
-                and "close" in (token.strip().lower() for token in value.split(","))
+                and "close" in [token.strip().lower() for token in value.split(",")]
                 for name, value in headers
             )
         if add_host:

@@ -27,6 +27,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
+from proxy import __version__, build
 from proxy.divergence_store import DivergenceStore, add_divergence_routes
 from proxy.settings import Settings
 
@@ -83,8 +84,10 @@ class Supervisor:
             await self._spawn(worker)
         self._watchers = [asyncio.create_task(self._watch(w)) for w in self.workers]
         log.info(
-            "strangler listening on http://%s:%d (admin http://%s:%d), %d workers, "
+            "strangler %s (%s) listening on http://%s:%d (admin http://%s:%d), %d workers, "
             "legacy %s, candidate %s, flags %s",
+            __version__,
+            build(),
             server.host,
             self.port,
             self.settings.admin.host,

@@ -19,18 +19,33 @@ from tests.proxy_harness import ROUTES, flags_document, make_settings, running_p
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
 
-class HeldFlags(FileFlagProvider):
+class HeldFlags:
     """A file provider whose first load waits until the test lets it finish."""
 
+    name = "file"
+
     def __init__(self, path: Path) -> None:
-        super().__init__(path)
+        self.inner = FileFlagProvider(path)
         self.called = asyncio.Event()
         self.release = asyncio.Event()
 
     async def start(self) -> None:
         self.called.set()
         await self.release.wait()
-        await super().start()
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.inner.ready
+
+    def is_enabled(self, flag: str, user_id: str) -> bool:
+        return self.inner.is_enabled(flag, user_id)
+
+    def rollout_percent(self, flag: str) -> float:
+        return self.inner.rollout_percent(flag)
 
 
 async def test_the_proxy_is_not_ready_until_the_flags_are_loaded(tmp_path: Path) -> None:
