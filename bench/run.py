@@ -183,7 +183,7 @@ class Settings:
     hang_duration: float = 8.0
     hang_warmup: float = 3.0
     hang_workloads: tuple[str, ...] = ("ndjson",)
-    hang_rounds: int = 3
+    hang_rounds: int = 5
 
 
 @dataclass
@@ -1433,6 +1433,22 @@ def hang_figures(results: ShadowResults, workload: str, key: str) -> Measurement
     )
 
 
+def paired_change(results: ShadowResults, workload: str, key: str) -> float | None:
+    """How a case's p99 differs from the ``shadow = 0`` baseline: each round against the
+    baseline run just before it (the machine drifts more between rounds than within
+    one), the median over rounds."""
+    changes: list[float] = []
+    off: Measurement | None = None
+    for m in results.hang:  # in the order they ran
+        if m.workload != workload:
+            continue
+        if m.path == "hang-off":
+            off = m
+        elif m.path == key and off is not None and off.p99_ms:
+            changes.append(m.p99_ms / off.p99_ms - 1)
+    return median(changes) if changes else None
+
+
 def evaluate_shadow_targets(settings: Settings, results: ShadowResults) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for key, workload, description, threshold in SHADOW_TARGETS:
@@ -1453,11 +1469,9 @@ def evaluate_shadow_targets(settings: Settings, results: ShadowResults) -> list[
                     }
                 )
     for workload in settings.hang_workloads:
-        off = hang_figures(results, workload, "hang-off")
-        hanging = hang_figures(results, workload, "hang-hanging")
-        if off is None or hanging is None or not off.p99_ms:
+        change = paired_change(results, workload, "hang-hanging")
+        if change is None:
             continue
-        change = hanging.p99_ms / off.p99_ms - 1
         rows.append(
             {
                 "target": f"{workload}_hang_p99",
@@ -1668,7 +1682,12 @@ def hang_report(settings: Settings, results: ShadowResults) -> list[str]:
         f"moderate load: wrk, {settings.hang_connections} connections each pausing "
         f"{settings.hang_think_ms} ms between requests, {settings.hang_duration:g} s after "
         f"{settings.hang_warmup:g} s warm-up (past the first shadow timeouts)"
-        + (f"; median of {rounds} interleaved rounds." if rounds > 1 else "."),
+        + (
+            f"; median of {rounds} interleaved rounds (the last column: the median of each "
+            f"round's p99 against that round's `shadow = 0` run)."
+            if rounds > 1
+            else "."
+        ),
         "",
         "| workload | case | throughput | p50 | p90 | p99 | shadows run | compared "
         "| shadows dropped (reason) | connections held by the hanging backend "
@@ -1677,17 +1696,13 @@ def hang_report(settings: Settings, results: ShadowResults) -> list[str]:
     ]
     hanging_notes: list[str] = []
     for workload in settings.hang_workloads:
-        off = hang_figures(results, workload, "hang-off")
         for key, label, _, hangs, _ in HANG_CASES:
             m = hang_figures(results, workload, key)
             if m is None:
                 continue
             summary = shadow_summary(m)
-            change = (
-                f"{m.p99_ms / off.p99_ms - 1:+.1%}"
-                if off is not None and off.p99_ms and key != "hang-off"
-                else ""
-            )
+            paired = paired_change(results, workload, key) if key != "hang-off" else None
+            change = "" if paired is None else f"{paired:+.1%}"
             held = summary.get("hanging_connections", 0) if hangs else None
             out.append(
                 f"| {workload} | {label} | {fmt_rate(m.rate)} {m.unit} | {m.p50_ms:.3f} ms "
@@ -1996,7 +2011,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         "--hang-workloads", default="ndjson", help="comma list of json, ndjson (hanging case)"
     )
     parser.add_argument(
-        "--hang-rounds", type=int, default=3, help="repeat the hanging-shadow cases, interleaved"
+        "--hang-rounds", type=int, default=5, help="repeat the hanging-shadow cases, interleaved"
     )
     parser.add_argument("--quick", action="store_true", help="short windows, for a smoke run")
     parser.add_argument("--no-install", action="store_true", help="never call apt-get")

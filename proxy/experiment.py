@@ -62,9 +62,9 @@ class RouteExperiment:
         types = [event.type for event in observation.events]
         result = self.contract.check(types)
         if not result.ok:
-            self.metrics.contract_violations.labels(
-                self.route.name, observation.backend.value
-            ).inc()
+            self.metrics.increment(
+                self.metrics.contract_violations, self.route.name, observation.backend.value
+            )
             # Counted in the metrics; a burst of them (a hanging shadow timing out) must
             # not turn into a burst of log writes on the event loop.
             log.debug(
@@ -86,18 +86,19 @@ class RouteExperiment:
         self.check_contract(shadow)
         route = self.route.name
         if primary.cancelled or shadow.cancelled:
-            self.metrics.comparisons.labels(route, "ignored").inc()
+            self.metrics.increment(self.metrics.comparisons, route, "ignored")
             return None
         try:
             comparison, reference, subject = self._compare(primary, shadow)
         except Exception:  # a comparison must never take the proxy down
             log.exception("route %s: comparison failed", route)
-            self.metrics.comparisons.labels(route, "error").inc()
+            self.metrics.increment(self.metrics.comparisons, route, "error")
             return None
         outcome = "match" if comparison.matched else "mismatch"
-        self.metrics.comparisons.labels(route, outcome).inc()
+        metrics = self.metrics
+        metrics.increment(metrics.comparisons, route, outcome)
         for divergence in comparison.divergences:
-            self.metrics.divergences.labels(route, divergence.kind.value).inc()
+            metrics.increment(metrics.divergences, route, divergence.kind.value)
         if not comparison.matched and self.store is not None:
             ref_obs, subj_obs = (
                 (primary, shadow) if self._primary_is_reference(primary) else (shadow, primary)

@@ -61,7 +61,7 @@ class Metrics:
         # locks on every call, which shows on the per-request path.
         self._children: dict[tuple[object, ...], Any] = {}
         self._counts: dict[tuple[str, ...], int] = {}
-        self._dropped: dict[tuple[str, ...], int] = {}
+        self._increments: dict[tuple[Any, tuple[str, ...]], int] = {}
         self._durations: dict[tuple[str, ...], _Pending] = {}
         self._first_events: dict[tuple[str, ...], _Pending] = {}
         self._bounds = (*LATENCY_BUCKETS, math.inf)
@@ -153,10 +153,14 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    def increment(self, metric: Counter, *labels: str) -> None:
+        """One more on a labelled counter, batched until the next collection."""
+        key = (metric, labels)
+        pending = self._increments
+        pending[key] = pending.get(key, 0) + 1
+
     def count_dropped(self, route: str, reason: str) -> None:
-        key = (route, reason)
-        dropped = self._dropped
-        dropped[key] = dropped.get(key, 0) + 1
+        self.increment(self.shadow_dropped, route, reason)
 
     # The three per-exchange observations are batched: a dict update here, the
     # Prometheus values (locked, and mmap-backed with workers) updated in bulk by
@@ -204,9 +208,9 @@ class Metrics:
         counts, self._counts = self._counts, {}
         for labels, n in counts.items():
             self._child(self.requests, *labels).inc(n)
-        dropped, self._dropped = self._dropped, {}
-        for labels, n in dropped.items():
-            self._child(self.shadow_dropped, *labels).inc(n)
+        increments, self._increments = self._increments, {}
+        for (metric, labels), n in increments.items():
+            self._child(metric, *labels).inc(n)
         for metric, attr in ((self.duration, "_durations"), (self.first_event, "_first_events")):
             pending: dict[tuple[str, ...], _Pending] = getattr(self, attr)
             if not pending:
