@@ -1187,6 +1187,7 @@ class ShadowResults:
     paths: list[PathInfo] = field(default_factory=list)
     measurements: list[Measurement] = field(default_factory=list)  # shadowed throughput
     hang: list[Measurement] = field(default_factory=list)  # path = a HANG_CASES key
+    hang_round: list[int] = field(default_factory=list)  # the round of each of ``hang``
     hang_labels: dict[str, str] = field(default_factory=dict)
     cost: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -1305,7 +1306,9 @@ def run_hanging_cases(
     legacy_only = {"legacy": backend_ports["legacy"]}
     try:
         for round_ in range(settings.hang_rounds):
-            for key, label, shadow, hangs, checked in HANG_CASES:
+            # Each round starts one case later: no case always runs first or last.
+            turn = round_ % len(HANG_CASES)
+            for key, label, shadow, hangs, checked in HANG_CASES[turn:] + HANG_CASES[:turn]:
                 results.hang_labels[key] = label
                 name = f"{key}-{round_ + 1}"
                 candidate = hanging_port if hangs else backend_ports["candidate"]
@@ -1339,6 +1342,7 @@ def run_hanging_cases(
                             log,
                         )
                         results.hang.append(measurement)
+                        results.hang_round.append(round_)
                         log(f"    {shadow_summary(measurement)}")
                 except BenchError as error:
                     results.notes.append(f"{label}: not measured: {error}".splitlines()[0])
@@ -1434,18 +1438,16 @@ def hang_figures(results: ShadowResults, workload: str, key: str) -> Measurement
 
 
 def paired_change(results: ShadowResults, workload: str, key: str) -> float | None:
-    """How a case's p99 differs from the ``shadow = 0`` baseline: each round against the
-    baseline run just before it (the machine drifts more between rounds than within
-    one), the median over rounds."""
-    changes: list[float] = []
-    off: Measurement | None = None
-    for m in results.hang:  # in the order they ran
-        if m.workload != workload:
-            continue
-        if m.path == "hang-off":
-            off = m
-        elif m.path == key and off is not None and off.p99_ms:
-            changes.append(m.p99_ms / off.p99_ms - 1)
+    """How a case's p99 differs from the ``shadow = 0`` baseline: each round against that
+    round's baseline run (the machine drifts more between rounds than within one), the
+    median over rounds."""
+    runs = [(r, m) for r, m in zip(results.hang_round, results.hang, strict=True)]
+    offs = {r: m for r, m in runs if m.workload == workload and m.path == "hang-off"}
+    changes = [
+        m.p99_ms / offs[r].p99_ms - 1
+        for r, m in runs
+        if m.workload == workload and m.path == key and r in offs and offs[r].p99_ms
+    ]
     return median(changes) if changes else None
 
 
@@ -1683,8 +1685,9 @@ def hang_report(settings: Settings, results: ShadowResults) -> list[str]:
         f"{settings.hang_think_ms} ms between requests, {settings.hang_duration:g} s after "
         f"{settings.hang_warmup:g} s warm-up (past the first shadow timeouts)"
         + (
-            f"; median of {rounds} interleaved rounds (the last column: the median of each "
-            f"round's p99 against that round's `shadow = 0` run)."
+            f"; median of {rounds} interleaved rounds, each starting one case later (the "
+            f"last column: the median of each round's p99 against that round's `shadow = 0` "
+            f"run)."
             if rounds > 1
             else "."
         ),
