@@ -624,8 +624,9 @@ async def _settle(proxy: Proxy, *, websocket: bool = False) -> None:
         for task in shadows.tasks
         if websocket or task.get_name() != f"shadow-{WS_ROUTE}"  # ShadowRunner's task names
     ]
-    if pending:
-        await asyncio.wait(pending, timeout=shadows.timeout)
+    quiet = asyncio.ensure_future(shadows.quiet())
+    await asyncio.wait([*pending, quiet], timeout=shadows.timeout)
+    quiet.cancel()
 
 
 def _free_socket() -> socket.socket:

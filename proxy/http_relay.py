@@ -184,6 +184,11 @@ class _Exchange:
         self.recorder = Recorder(observation, route.protocol, settings.event_type_field)
         if shadowed:
             self.primary_done = asyncio.get_running_loop().create_future()
+            shadow = _Shadow(self.proxy, route, experiment, target, self.primary_done)
+            if self.user_field is not None:
+                shadow.user_id = self.user_id
+            if shadow.start(self.request.method, self.request.target, block, body):
+                return
             started = shadows.spawn(
                 route.name,
                 run_http_shadow(
@@ -503,6 +508,190 @@ class _Direct(_Exchange):
         self._account(outcome)
 
 
+class _Shadow:
+    """A shadow exchange relayed by callbacks on an idle connection of the shadow pool:
+    no task, no future of its own, as ``_Direct`` for the primary. It reads everything
+    the backend sends into its recorder, ends at the shadow deadline at the latest, and
+    is compared once the primary has ended too. Without an idle connection (and after
+    the keep-alive race) the shadow runs as a task instead (``run_http_shadow``)."""
+
+    user_id: str | None = None
+    connection: UpstreamConnection | None = None
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        route: Route,
+        experiment: RouteExperiment,
+        backend: Backend,
+        primary_done: asyncio.Future[Observation],
+    ) -> None:
+        self.proxy = proxy
+        self.route = route
+        self.experiment = experiment
+        self.backend = backend
+        self.primary_done = primary_done
+        self.started = time.perf_counter()
+        self.observation = Observation(backend, "shadow", self.started)
+        self.recorder = Recorder(self.observation, route.protocol, route.settings.event_type_field)
+        self.outcome = Outcome.SUCCESS
+        self.responded = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.method = ""
+        self.target = ""
+        self.block = b""
+        self.body = b""
+
+    def start(self, method: str, target: str, block: bytes, body: bytes) -> bool:
+        proxy = self.proxy
+        shadows = proxy.shadows
+        try:
+            connection = shadows.pool.start(
+                proxy.backend_urls[self.backend], method, target, block + SHADOW_LINE, body, self
+            )
+        except ValueError:
+            return False  # the task path reports it
+        if connection is None:
+            return False
+        self.connection = connection
+        self.method, self.target, self.block, self.body = method, target, block, body
+        # A little jitter keeps shadows that started together from timing out together.
+        self.timer = asyncio.get_running_loop().call_later(
+            shadows.timeout * random.uniform(0.9, 1.1), self._expire
+        )
+        shadows.hold(self)
+        return True
+
+    def upstream_ready(self, connection: UpstreamConnection) -> None:
+        response = connection.response
+        shadows = self.proxy.shadows
+        label = self.route.name
+        if response is None:
+            error = connection.error
+            if error is None:
+                return
+            connection.abandon()
+            self.connection = None
+            if connection.retryable:
+                # The keep-alive race: again, on a new connection, as a task.
+                self._stop()
+                shadows.release(self)
+                run = run_http_shadow(
+                    self.proxy,
+                    self.route,
+                    self.experiment,
+                    self.backend,
+                    self.method,
+                    self.target,
+                    self.block,
+                    self.body,
+                    self.primary_done,
+                    self.user_id,
+                )
+                shadows.spawn(label, run)
+                return
+            self._failed(error)
+            return
+        try:
+            data = response.take()
+        except UpstreamError as broken:
+            response.close()
+            self.connection = None
+            self._failed(broken)
+            return
+        now = time.perf_counter()
+        if not self.responded:
+            self.responded = True
+            self.recorder.begin(response.status)
+            self.outcome = outcome_of_status(response.status)
+        if data:
+            self.recorder.feed(data, now)
+        if response.complete:
+            response.release()
+            self.connection = None
+            self._finish(self.outcome)
+
+    def _failed(self, error: UpstreamError) -> None:
+        shadows, label = self.proxy.shadows, self.route.name
+        if isinstance(error, UpstreamTimeout):
+            self.observation.timed_out = True
+            shadows.drop(label, "timeout")
+            self._finish(Outcome.TIMEOUT)
+            return
+        self.observation.error = str(error)
+        if isinstance(error, UpstreamUnreachable):
+            shadows.drop(label, "unreachable")
+            self._finish(Outcome.UNREACHABLE)
+        else:
+            shadows.drop(label, "error")
+            self._finish(Outcome.BROKEN)
+
+    def _expire(self) -> None:
+        self.timer = None
+        if self.connection is not None:
+            self.connection.abandon()
+            self.connection = None
+        self.observation.timed_out = True
+        self.proxy.shadows.drop(self.route.name, "timeout")
+        self._finish(Outcome.TIMEOUT)
+
+    def cancel(self) -> None:
+        """Shutdown past the drain deadline: no comparison, counted as such."""
+        self._stop()
+        if self.connection is not None:
+            self.connection.abandon()
+            self.connection = None
+        self.primary_done.remove_done_callback(self._conclude)
+        shadows = self.proxy.shadows
+        shadows.drop(self.route.name, "shutdown")
+        shadows.release(self)
+
+    def _stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _finish(self, outcome: Outcome) -> None:
+        self._stop()
+        proxy, label, backend = self.proxy, self.route.name, self.backend
+        shadows = proxy.shadows
+        observation = self.observation
+        finished = time.perf_counter()
+        self.recorder.finish(finished)
+        shadows.report(label, backend, outcome not in _SHADOW_FAILURES)
+        _count_leaks(proxy, self.route, backend, observation, self.user_id)
+        proxy.metrics.exchange(
+            label, backend, "shadow", outcome, finished - self.started, observation.first_event
+        )
+        done = self.primary_done
+        if done.done():
+            self._conclude(done)
+        else:
+            done.add_done_callback(self._conclude)
+
+    def _conclude(self, done: asyncio.Future[Observation]) -> None:
+        # Running until compared, as a shadow task does: whoever waits for the shadows
+        # to settle also waits for their comparisons.
+        self.proxy.shadows.release(self)
+        if done.cancelled():
+            return
+        try:
+            self.experiment.conclude(done.result(), self.observation)
+        except Exception:  # a shadow's failure is data, never the primary's problem
+            log.exception("shadow on route %s failed", self.route.name)
+
+
+def _count_leaks(
+    proxy: Proxy, route: Route, backend: Backend, observation: Observation, user_id: str | None
+) -> None:
+    """A shadow's events that carry another user's id, counted against its backend."""
+    user_field = route.settings.user_field
+    if user_id is not None and user_field is not None:
+        leaked = sum(1 for e in observation.events if not belongs_to(e, user_field, user_id))
+        if leaked:
+            proxy.metrics.isolation_violations.labels(route.name, backend.value).inc(leaked)
+
+
 async def run_http_shadow(
     proxy: Proxy,
     route: Route,
@@ -559,11 +748,7 @@ async def run_http_shadow(
     finished = time.perf_counter()
     recorder.finish(finished)
     shadows.report(label, backend, outcome not in _SHADOW_FAILURES)
-    user_field = route.settings.user_field
-    if user_id is not None and user_field is not None:
-        leaked = sum(1 for e in observation.events if not belongs_to(e, user_field, user_id))
-        if leaked:
-            metrics.isolation_violations.labels(label, backend.value).inc(leaked)
+    _count_leaks(proxy, route, backend, observation, user_id)
     metrics.exchange(label, backend, "shadow", outcome, finished - started, observation.first_event)
     primary = await primary_done
     experiment.conclude(primary, observation)

@@ -69,6 +69,9 @@ class ShadowRunner:
             read_timeout=min(read_timeout, settings.timeout),
         )
         self.tasks: set[asyncio.Task[None]] = set()
+        # Shadows relayed by callbacks (no task): each has ``cancel()``.
+        self.callbacks: set[Any] = set()
+        self._quiet: list[asyncio.Future[None]] = []
         self.closing = False
         self._failures: dict[tuple[str, Backend], int] = {}
         self._open_until: dict[tuple[str, Backend], float] = {}
@@ -82,7 +85,37 @@ class ShadowRunner:
         self.metrics.count_dropped(route, reason)
 
     def has_room(self) -> bool:
-        return not self.closing and len(self.tasks) < self.settings.max_concurrent
+        return not self.closing and self.running() < self.settings.max_concurrent
+
+    def running(self) -> int:
+        return len(self.tasks) + len(self.callbacks)
+
+    def hold(self, shadow: Any) -> None:
+        """A shadow relayed by callbacks is running (it calls ``release`` when it ends)."""
+        self.callbacks.add(shadow)
+
+    def release(self, shadow: Any) -> None:
+        callbacks = self.callbacks
+        callbacks.discard(shadow)
+        if not callbacks and self._quiet:
+            waiters, self._quiet = self._quiet, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def quiet(self) -> None:
+        """Until no shadow relayed by callbacks runs."""
+        while self.callbacks:
+            waiter = asyncio.get_running_loop().create_future()
+            self._quiet.append(waiter)
+            await waiter
+
+    async def settle(self) -> None:
+        """Until every shadow running now, and any it starts, has ended."""
+        while self.tasks or self.callbacks:
+            if self.tasks:
+                await asyncio.wait(set(self.tasks))
+            await self.quiet()
 
     def adopt(self, route: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Own a shadow that the caller also ends itself (a WebSocket session's shadow)."""
@@ -133,7 +166,7 @@ class ShadowRunner:
     ) -> bool:
         """Run ``work`` as a shadow task, or drop it (counted) when there is no room
         or the breaker holds ``backend`` back."""
-        if self.closing or len(self.tasks) >= self.settings.max_concurrent:
+        if self.closing or self.running() >= self.settings.max_concurrent:
             work.close()
             self.drop(route, "shutdown" if self.closing else "concurrency")
             return False
@@ -160,10 +193,17 @@ class ShadowRunner:
     async def close(self) -> None:
         """Let shadows in flight finish within ``drain_seconds``, cancel the rest."""
         self.closing = True
-        if self.tasks:
-            _done, pending = await asyncio.wait(
-                set(self.tasks), timeout=self.settings.drain_seconds
-            )
+        waiting: set[asyncio.Future[None]] = set(self.tasks)
+        quiet = asyncio.ensure_future(self.quiet()) if self.callbacks else None
+        if quiet is not None:
+            waiting.add(quiet)
+        if waiting:
+            await asyncio.wait(waiting, timeout=self.settings.drain_seconds)
+            if quiet is not None:
+                quiet.cancel()
+            for shadow in list(self.callbacks):
+                shadow.cancel()
+            pending = [task for task in self.tasks if not task.done()]
             for task in pending:
                 task.cancel()
             for task in pending:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -78,8 +77,7 @@ class Stack:
 
     async def settle(self) -> None:
         """Wait until every shadow in flight has been compared."""
-        while self.proxy.shadows.tasks:
-            await asyncio.gather(*list(self.proxy.shadows.tasks), return_exceptions=True)
+        await self.proxy.shadows.settle()
 
 
 @asynccontextmanager

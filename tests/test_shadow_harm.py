@@ -241,7 +241,7 @@ async def test_shadows_beyond_the_concurrency_bound_are_dropped_and_counted(
         try:
             results = await exchanges(server, 8)
             assert all(status == 200 for status, *_ in results)
-            assert server.proxy is not None and len(server.proxy.shadows.tasks) == 3
+            assert server.proxy is not None and server.proxy.shadows.running() == 3
         finally:
             await server.stop()
     registry = server.metrics.registry
@@ -277,19 +277,15 @@ async def test_a_backend_whose_shadows_keep_failing_gets_none_for_a_while_then_a
             assert server.proxy is not None
             shadows = server.proxy.shadows
 
-            async def settled() -> None:
-                while shadows.tasks:
-                    await asyncio.wait(set(shadows.tasks), timeout=5)
-
             await exchanges(server, 2)  # two shadows, both time out: the breaker opens
-            await asyncio.wait_for(settled(), 5)
+            await asyncio.wait_for(shadows.settle(), 5)
             results = await exchanges(server, 3)
             assert all(status == 200 for status, *_ in results)
-            assert not shadows.tasks  # held back, not started
+            assert shadows.running() == 0  # held back, not started
             await asyncio.sleep(0.5)  # the pause itself: time is what is waited for
             await exchanges(server, 2)
-            assert len(shadows.tasks) == 1  # one probe; the other held back while it runs
-            await asyncio.wait_for(settled(), 5)
+            assert shadows.running() == 1  # one probe; the other held back while it runs
+            await asyncio.wait_for(shadows.settle(), 5)
         finally:
             await server.stop()
     registry = server.metrics.registry

@@ -186,3 +186,60 @@ async def test_a_leak_in_the_shadow_is_counted_on_the_shadow_backend(
     assert (
         stack.sample("strangler_isolation_violations_total", route="stream", backend="legacy") == 0
     )
+
+
+async def test_a_shadow_on_a_warm_connection_runs_by_callbacks_and_is_compared(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    async with shadow_stack(aiohttp_server, tmp_path) as stack:
+        shadows = stack.proxy.shadows
+        async with aiohttp.ClientSession() as client:
+            url = stack.url + PATHS["stream"]
+            await post_turn(client, url, "user-1")  # no idle shadow connection yet: a task
+            await stack.settle()
+            stack.knobs("candidate").hang = True
+            status, backend, _ = await post_turn(client, url, "user-1")
+            assert (status, backend) == (200, "legacy")  # the primary never waits
+            assert not shadows.tasks and len(shadows.callbacks) == 1
+            stack.knobs("candidate").hang = False
+            await stack.settle()
+        assert stack.sample("strangler_comparisons_total", route="stream", outcome="match") == 2
+        assert stack.stats("candidate").shadow_turns == 2
+
+
+async def test_a_callback_shadow_past_its_deadline_is_cut_counted_and_compared_as_a_timeout(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    async with shadow_stack(aiohttp_server, tmp_path, shadow={"timeout": 0.3}) as stack:
+        shadows = stack.proxy.shadows
+        async with aiohttp.ClientSession() as client:
+            url = stack.url + PATHS["stream"]
+            await post_turn(client, url, "user-1")
+            await stack.settle()
+            stack.knobs("candidate").hang = True
+            status, _, _ = await post_turn(client, url, "user-1")
+            assert status == 200 and len(shadows.callbacks) == 1
+            await stack.settle()  # the deadline ends it
+            stack.knobs("candidate").hang = False
+        assert stack.sample("strangler_shadow_dropped_total", route="stream", reason="timeout") == 1
+        assert stack.sample("strangler_divergences_total", route="stream", kind="timeout") == 1
+        assert stack.sample("strangler_comparisons_total", route="stream", outcome="mismatch") == 1
+
+
+async def test_a_callback_shadow_still_running_at_shutdown_is_cut_after_the_drain(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    settings = {"timeout": 30.0, "drain_seconds": 0.2}
+    async with shadow_stack(aiohttp_server, tmp_path, shadow=settings) as stack:
+        async with aiohttp.ClientSession() as client:
+            url = stack.url + PATHS["stream"]
+            await post_turn(client, url, "user-1")
+            await stack.settle()
+            stack.knobs("candidate").hang = True
+            await post_turn(client, url, "user-1")
+            assert len(stack.proxy.shadows.callbacks) == 1
+        await stack.server.stop()
+        assert not stack.proxy.shadows.callbacks
+        stack.knobs("candidate").hang = False
+    assert stack.sample("strangler_shadow_dropped_total", route="stream", reason="shutdown") == 1
+    assert stack.sample("strangler_comparisons_total", route="stream", outcome="match") == 1
