@@ -1304,6 +1304,14 @@ def run_hanging_cases(
     groups_backends = backends + hanging
     shadow_settings = tuple(HANG_SHADOW.items())
     legacy_only = {"legacy": backend_ports["legacy"]}
+    # What is compared here is latency, which the scheduler's placement of five busy
+    # processes on two cores moves more than the shadows do: the proxy gets CPU 1, the
+    # load generator and the backends CPU 0 (children of this process inherit it).
+    everything = os.sched_getaffinity(0)
+    pinned = len(everything) >= 2 and not settings.pin
+    if pinned:
+        for pid in [0, *groups_backends]:
+            pin_process(pid, {0})
     try:
         for round_ in range(settings.hang_rounds):
             # Each round starts one case later: no case always runs first or last.
@@ -1318,6 +1326,8 @@ def run_hanging_cases(
                 )
                 try:
                     pgid, port, admin = start_strangler(supervisor, workdir, name, ports, setup)
+                    if pinned:
+                        pin_process(pgid, {1})
                     sanity_check(port, name, expect_header=True)
 
                     def probe(admin: int = admin) -> dict[str, float]:
@@ -1351,6 +1361,17 @@ def run_hanging_cases(
                     supervisor.stop(name)
     finally:
         supervisor.stop("backend-hanging")
+        if pinned:
+            for pid in [0, *backends]:
+                pin_process(pid, everything)
+
+
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` (0: this process) on ``cpus``."""
+    tasks = Path(f"/proc/{pid or os.getpid()}/task")
+    for task in tasks.iterdir() if tasks.exists() else []:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(task.name), cpus)
 
 
 def compare_cost(log: Callable[[str], None]) -> dict[str, Any]:
@@ -1680,7 +1701,8 @@ def hang_report(settings: Settings, results: ShadowResults) -> list[str]:
         f"Every user on legacy (rollout 0 %), every exchange shadowed on the candidate "
         f"(`shadow = 1.0`), which accepts connections and never answers; `[shadow] timeout = "
         f"{HANG_SHADOW['timeout']:g}`, `connections = {HANG_SHADOW['connections']}`, "
-        f"`max_concurrent = {HANG_SHADOW['max_concurrent']}`; 1 strangler worker. Fixed "
+        f"`max_concurrent = {HANG_SHADOW['max_concurrent']}`; 1 strangler worker, alone on "
+        f"CPU 1 (load generator and backends on CPU 0). Fixed "
         f"moderate load: wrk, {settings.hang_connections} connections each pausing "
         f"{settings.hang_think_ms} ms between requests, {settings.hang_duration:g} s after "
         f"{settings.hang_warmup:g} s warm-up (past the first shadow timeouts)"
