@@ -78,10 +78,11 @@ _INSERT: Final = (
 )
 # The (max_rows + 1)-th newest id and everything older goes; the primary key makes it
 # a short index walk however large the table is.
-_TRIM: Final = (
-    "DELETE FROM divergences WHERE id <= "
-    "(SELECT id FROM divergences ORDER BY id DESC LIMIT 1 OFFSET ?)"
-)
+# Row ids are handed out as the largest plus one and only the oldest rows are deleted, so
+# the newest ``max_rows`` are those above ``max(id) - max_rows``: one look at the end of
+# the table, where counting back ``max_rows`` rows with OFFSET walked every row's page
+# (8 ms an insert at 10,000 rows, on the proxy's own core).
+_TRIM: Final = "DELETE FROM divergences WHERE id <= (SELECT max(id) FROM divergences) - ?"
 
 _T = TypeVar("_T")
 _Row = tuple[Any, ...]
