@@ -184,27 +184,18 @@ class _Exchange:
         self.recorder = Recorder(observation, route.protocol, settings.event_type_field)
         if shadowed:
             self.primary_done = asyncio.get_running_loop().create_future()
-            shadow = _Shadow(self.proxy, route, experiment, target, self.primary_done)
+            request = self.request
+            shadow = _Shadow(
+                self.proxy,
+                route,
+                experiment,
+                target,
+                self.primary_done,
+                (request.method, request.target, block, body),
+            )
             if self.user_field is not None:
                 shadow.user_id = self.user_id
-            if shadow.start(self.request.method, self.request.target, block, body):
-                return
-            started = shadows.spawn(
-                route.name,
-                run_http_shadow(
-                    self.proxy,
-                    route,
-                    experiment,
-                    target,
-                    self.request.method,
-                    self.request.target,
-                    block,
-                    body,
-                    self.primary_done,
-                    self.user_id if self.user_field is not None else None,
-                ),
-            )
-            if not started:
+            if not shadow.start() and not shadows.spawn(route.name, shadow.run()):
                 self.primary_done = None
 
     def _finish_observing(self, outcome: Outcome) -> None:
@@ -509,14 +500,20 @@ class _Direct(_Exchange):
 
 
 class _Shadow:
-    """A shadow exchange relayed by callbacks on an idle connection of the shadow pool:
-    no task, no future of its own, as ``_Direct`` for the primary. It reads everything
-    the backend sends into its recorder, ends at the shadow deadline at the latest, and
-    is compared once the primary has ended too. Without an idle connection (and after
-    the keep-alive race) the shadow runs as a task instead (``run_http_shadow``)."""
+    """A shadow exchange: the same request on the other backend, marked, then compared
+    once the primary has ended too.
+
+    On an idle connection of the shadow pool it is relayed by callbacks (``start``): no
+    task and no future of its own, as ``_Direct`` for the primary, with a timer for the
+    deadline. Without one, or after the keep-alive race, it runs as a task (``run``).
+    With ``user_id`` (the route checks isolation), its events that carry another user's
+    id are counted against the shadow backend: nothing of it reaches the client anyway,
+    but a candidate leaking in the shadow must show before it ever serves.
+    """
 
     user_id: str | None = None
     connection: UpstreamConnection | None = None
+    timer: asyncio.TimerHandle | None = None
 
     def __init__(
         self,
@@ -525,24 +522,92 @@ class _Shadow:
         experiment: RouteExperiment,
         backend: Backend,
         primary_done: asyncio.Future[Observation],
+        request: tuple[str, str, bytes, bytes],
     ) -> None:
         self.proxy = proxy
         self.route = route
         self.experiment = experiment
         self.backend = backend
         self.primary_done = primary_done
+        self.request = request  # method, target, header block, body
         self.started = time.perf_counter()
         self.observation = Observation(backend, "shadow", self.started)
         self.recorder = Recorder(self.observation, route.protocol, route.settings.event_type_field)
         self.outcome = Outcome.SUCCESS
         self.responded = False
-        self.timer: asyncio.TimerHandle | None = None
-        self.method = ""
-        self.target = ""
-        self.block = b""
-        self.body = b""
 
-    def start(self, method: str, target: str, block: bytes, body: bytes) -> bool:
+    def _deadline(self) -> float:
+        # A little jitter keeps shadows that started together from timing out together.
+        return self.proxy.shadows.timeout * random.uniform(0.9, 1.1)
+
+    def _begin(self, status: int) -> None:
+        self.responded = True
+        self.recorder.begin(status)
+        self.outcome = outcome_of_status(status)
+
+    def _timed_out(self) -> Outcome:
+        self.observation.timed_out = True
+        self.proxy.shadows.drop(self.route.name, "timeout")
+        return Outcome.TIMEOUT
+
+    def _failed(self, error: UpstreamError) -> Outcome:
+        if isinstance(error, UpstreamTimeout):
+            # The pool's own timeouts: no slot, or no answer, in time.
+            return self._timed_out()
+        self.observation.error = str(error)
+        unreachable = isinstance(error, UpstreamUnreachable)
+        self.proxy.shadows.drop(self.route.name, "unreachable" if unreachable else "error")
+        return Outcome.UNREACHABLE if unreachable else Outcome.BROKEN
+
+    def _record(self, outcome: Outcome) -> None:
+        """The shadow exchange is over: its count and times, the breaker, leaks."""
+        proxy, label, backend = self.proxy, self.route.name, self.backend
+        observation = self.observation
+        finished = time.perf_counter()
+        self.recorder.finish(finished)
+        proxy.shadows.report(label, backend, outcome not in _SHADOW_FAILURES)
+        user_field = self.route.settings.user_field
+        if self.user_id is not None and user_field is not None:
+            user_id = self.user_id
+            leaked = sum(1 for e in observation.events if not belongs_to(e, user_field, user_id))
+            if leaked:
+                proxy.metrics.isolation_violations.labels(label, backend.value).inc(leaked)
+        proxy.metrics.exchange(
+            label, backend, "shadow", outcome, finished - self.started, observation.first_event
+        )
+
+    # --- as a task --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        method, target, block, body = self.request
+        shadows = self.proxy.shadows
+        try:
+            async with asyncio.timeout(self._deadline()):
+                upstream = await shadows.pool.request(
+                    self.proxy.backend_urls[self.backend],
+                    method,
+                    target,
+                    block + SHADOW_LINE,
+                    body,
+                )
+                self._begin(upstream.status)
+                async with upstream:
+                    async for chunk in upstream:
+                        self.recorder.feed(chunk, time.perf_counter())
+            outcome = self.outcome
+        except TimeoutError:
+            outcome = self._timed_out()
+        except UpstreamError as error:
+            outcome = self._failed(error)
+        self._record(outcome)
+        primary = await self.primary_done
+        self.experiment.conclude(primary, self.observation)
+
+    # --- by callbacks -----------------------------------------------------------------
+
+    def start(self) -> bool:
+        """Start on an idle connection; False (nothing sent) if there is none."""
+        method, target, block, body = self.request
         proxy = self.proxy
         shadows = proxy.shadows
         try:
@@ -554,18 +619,12 @@ class _Shadow:
         if connection is None:
             return False
         self.connection = connection
-        self.method, self.target, self.block, self.body = method, target, block, body
-        # A little jitter keeps shadows that started together from timing out together.
-        self.timer = asyncio.get_running_loop().call_later(
-            shadows.timeout * random.uniform(0.9, 1.1), self._expire
-        )
+        self.timer = asyncio.get_running_loop().call_later(self._deadline(), self._expire)
         shadows.hold(self)
         return True
 
     def upstream_ready(self, connection: UpstreamConnection) -> None:
         response = connection.response
-        shadows = self.proxy.shadows
-        label = self.route.name
         if response is None:
             error = connection.error
             if error is None:
@@ -575,65 +634,34 @@ class _Shadow:
             if connection.retryable:
                 # The keep-alive race: again, on a new connection, as a task.
                 self._stop()
+                shadows = self.proxy.shadows
                 shadows.release(self)
-                run = run_http_shadow(
-                    self.proxy,
-                    self.route,
-                    self.experiment,
-                    self.backend,
-                    self.method,
-                    self.target,
-                    self.block,
-                    self.body,
-                    self.primary_done,
-                    self.user_id,
-                )
-                shadows.spawn(label, run)
+                shadows.spawn(self.route.name, self.run())
                 return
-            self._failed(error)
+            self._finish(self._failed(error))
             return
         try:
             data = response.take()
         except UpstreamError as broken:
             response.close()
             self.connection = None
-            self._failed(broken)
+            self._finish(self._failed(broken))
             return
-        now = time.perf_counter()
         if not self.responded:
-            self.responded = True
-            self.recorder.begin(response.status)
-            self.outcome = outcome_of_status(response.status)
+            self._begin(response.status)
         if data:
-            self.recorder.feed(data, now)
+            self.recorder.feed(data, time.perf_counter())
         if response.complete:
             response.release()
             self.connection = None
             self._finish(self.outcome)
-
-    def _failed(self, error: UpstreamError) -> None:
-        shadows, label = self.proxy.shadows, self.route.name
-        if isinstance(error, UpstreamTimeout):
-            self.observation.timed_out = True
-            shadows.drop(label, "timeout")
-            self._finish(Outcome.TIMEOUT)
-            return
-        self.observation.error = str(error)
-        if isinstance(error, UpstreamUnreachable):
-            shadows.drop(label, "unreachable")
-            self._finish(Outcome.UNREACHABLE)
-        else:
-            shadows.drop(label, "error")
-            self._finish(Outcome.BROKEN)
 
     def _expire(self) -> None:
         self.timer = None
         if self.connection is not None:
             self.connection.abandon()
             self.connection = None
-        self.observation.timed_out = True
-        self.proxy.shadows.drop(self.route.name, "timeout")
-        self._finish(Outcome.TIMEOUT)
+        self._finish(self._timed_out())
 
     def cancel(self) -> None:
         """Shutdown past the drain deadline: no comparison, counted as such."""
@@ -653,16 +681,7 @@ class _Shadow:
 
     def _finish(self, outcome: Outcome) -> None:
         self._stop()
-        proxy, label, backend = self.proxy, self.route.name, self.backend
-        shadows = proxy.shadows
-        observation = self.observation
-        finished = time.perf_counter()
-        self.recorder.finish(finished)
-        shadows.report(label, backend, outcome not in _SHADOW_FAILURES)
-        _count_leaks(proxy, self.route, backend, observation, self.user_id)
-        proxy.metrics.exchange(
-            label, backend, "shadow", outcome, finished - self.started, observation.first_event
-        )
+        self._record(outcome)
         done = self.primary_done
         if done.done():
             self._conclude(done)
@@ -679,76 +698,3 @@ class _Shadow:
             self.experiment.conclude(done.result(), self.observation)
         except Exception:  # a shadow's failure is data, never the primary's problem
             log.exception("shadow on route %s failed", self.route.name)
-
-
-def _count_leaks(
-    proxy: Proxy, route: Route, backend: Backend, observation: Observation, user_id: str | None
-) -> None:
-    """A shadow's events that carry another user's id, counted against its backend."""
-    user_field = route.settings.user_field
-    if user_id is not None and user_field is not None:
-        leaked = sum(1 for e in observation.events if not belongs_to(e, user_field, user_id))
-        if leaked:
-            proxy.metrics.isolation_violations.labels(route.name, backend.value).inc(leaked)
-
-
-async def run_http_shadow(
-    proxy: Proxy,
-    route: Route,
-    experiment: RouteExperiment,
-    backend: Backend,
-    method: str,
-    target: str,
-    block: bytes,
-    body: bytes,
-    primary_done: asyncio.Future[Observation],
-    user_id: str | None = None,
-) -> None:
-    """The shadow exchange: same request, the other backend, marked, then the comparison.
-
-    With ``user_id`` (the route checks isolation), the shadow's events that carry another
-    user's id are counted against the shadow backend: nothing of it reaches the client
-    anyway, but a candidate leaking in the shadow must show before it ever serves.
-    """
-    shadows = proxy.shadows
-    metrics = proxy.metrics
-    label = route.name
-    started = time.perf_counter()
-    observation = Observation(backend, "shadow", started)
-    recorder = Recorder(observation, route.protocol, route.settings.event_type_field)
-    outcome = Outcome.SUCCESS
-    try:
-        # A little jitter keeps shadows that started together from timing out together.
-        async with asyncio.timeout(shadows.timeout * random.uniform(0.9, 1.1)):
-            upstream = await shadows.pool.request(
-                proxy.backend_urls[backend],
-                method,
-                target,
-                block + SHADOW_LINE,
-                body,
-            )
-            recorder.begin(upstream.status)
-            outcome = outcome_of_status(upstream.status)
-            async with upstream:
-                async for chunk in upstream:
-                    recorder.feed(chunk, time.perf_counter())
-    except (TimeoutError, UpstreamTimeout):
-        # Either the deadline or the pool (no slot, or no answer, in time).
-        observation.timed_out = True
-        outcome = Outcome.TIMEOUT
-        shadows.drop(label, "timeout")
-    except UpstreamUnreachable as exc:
-        observation.error = str(exc)
-        outcome = Outcome.UNREACHABLE
-        shadows.drop(label, "unreachable")
-    except UpstreamError as broken:
-        observation.error = str(broken)
-        outcome = Outcome.BROKEN
-        shadows.drop(label, "error")
-    finished = time.perf_counter()
-    recorder.finish(finished)
-    shadows.report(label, backend, outcome not in _SHADOW_FAILURES)
-    _count_leaks(proxy, route, backend, observation, user_id)
-    metrics.exchange(label, backend, "shadow", outcome, finished - started, observation.first_event)
-    primary = await primary_done
-    experiment.conclude(primary, observation)

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from proxy.metrics import Metrics
 from proxy.routing import Backend
@@ -52,6 +52,12 @@ def shadow_refusal(
     return None
 
 
+class CallbackShadow(Protocol):
+    """A shadow relayed by callbacks, without a task: the runner can only cut it."""
+
+    def cancel(self) -> None: ...
+
+
 class ShadowRunner:
     def __init__(
         self,
@@ -69,8 +75,7 @@ class ShadowRunner:
             read_timeout=min(read_timeout, settings.timeout),
         )
         self.tasks: set[asyncio.Task[None]] = set()
-        # Shadows relayed by callbacks (no task): each has ``cancel()``.
-        self.callbacks: set[Any] = set()
+        self.callbacks: set[CallbackShadow] = set()  # shadows relayed without a task
         self._quiet: list[asyncio.Future[None]] = []
         self.closing = False
         self._failures: dict[tuple[str, Backend], int] = {}
@@ -90,11 +95,11 @@ class ShadowRunner:
     def running(self) -> int:
         return len(self.tasks) + len(self.callbacks)
 
-    def hold(self, shadow: Any) -> None:
+    def hold(self, shadow: CallbackShadow) -> None:
         """A shadow relayed by callbacks is running (it calls ``release`` when it ends)."""
         self.callbacks.add(shadow)
 
-    def release(self, shadow: Any) -> None:
+    def release(self, shadow: CallbackShadow) -> None:
         callbacks = self.callbacks
         callbacks.discard(shadow)
         if not callbacks and self._quiet:

@@ -325,6 +325,22 @@ def warm(stack: Stack, connections: int = 1) -> None:
     assert stack.shadows.pool.stats.idle == connections
 
 
+async def twice_the_second_shadow_warm(s: Stack, message: bytes) -> list[bytes]:
+    """The raw responses to ``message`` sent twice on one connection: the first shadow
+    leaves its connection idle, the second takes it by callbacks and is held at the
+    shadow backend's gate (still running once the client has its answer) until released."""
+    async with connect(s.server) as client:
+        first = await client.exchange(message)
+        await s.settle()
+        warm(s)
+        second = await client.exchange(message)
+        # The primary has answered; its shadow still waits on the warm connection.
+        assert not s.shadows.tasks and len(s.shadows.callbacks) == 1
+        s.shadow.gate.set()
+        await s.settle()
+    return [first.raw, second.raw]
+
+
 # --- the tests ---------------------------------------------------------------------------
 
 
@@ -333,16 +349,7 @@ async def test_a_shadow_reset_mid_body_on_a_warm_connection_is_counted_as_an_err
 ) -> None:
     expected = await baseline(tmp_path, [post(), post()])
     async with stack(tmp_path, {1: after_gate(reset_mid_body)}) as s:
-        async with connect(s.server) as client:
-            first = await client.exchange(post())
-            await s.settle()
-            warm(s)
-            second = await client.exchange(post())
-            # The primary has answered; its shadow still waits on the warm connection.
-            assert not s.shadows.tasks and len(s.shadows.callbacks) == 1
-            s.shadow.gate.set()
-            await s.settle()
-        assert [first.raw, second.raw] == expected
+        assert await twice_the_second_shadow_warm(s, post()) == expected
         assert [seen.connection for seen in s.shadow.seen] == [1, 1]
         assert all(b"X-Strangler-Shadow: 1\r\n" in seen.head for seen in s.shadow.seen)
         assert s.dropped("error") == 1 and s.all_dropped() == 1
@@ -360,15 +367,7 @@ async def test_a_warm_connection_closed_by_the_shadow_backend_is_retried_as_a_ta
 ) -> None:
     expected = await baseline(tmp_path, [get(), get()])
     async with stack(tmp_path, {1: after_gate(close_unanswered)}) as s:
-        async with connect(s.server) as client:
-            first = await client.exchange(get())
-            await s.settle()
-            warm(s)
-            second = await client.exchange(get())
-            assert not s.shadows.tasks and len(s.shadows.callbacks) == 1
-            s.shadow.gate.set()
-            await s.settle()
-        assert [first.raw, second.raw] == expected
+        assert await twice_the_second_shadow_warm(s, get()) == expected
         # The second shadow went again, on a new connection, and was answered there.
         assert [seen.connection for seen in s.shadow.seen] == [1, 1, 2]
         assert s.all_dropped() == 0
@@ -383,15 +382,7 @@ async def test_garbage_instead_of_a_response_on_a_warm_connection_is_counted_as_
 ) -> None:
     expected = await baseline(tmp_path, [post(), post()])
     async with stack(tmp_path, {1: after_gate(garbage)}) as s:
-        async with connect(s.server) as client:
-            first = await client.exchange(post())
-            await s.settle()
-            warm(s)
-            second = await client.exchange(post())
-            assert not s.shadows.tasks and len(s.shadows.callbacks) == 1
-            s.shadow.gate.set()
-            await s.settle()
-        assert [first.raw, second.raw] == expected
+        assert await twice_the_second_shadow_warm(s, post()) == expected
         assert [seen.connection for seen in s.shadow.seen] == [1, 1]
         assert s.dropped("error") == 1 and s.all_dropped() == 1
         assert s.compared("match") == 1 and s.compared("mismatch") == 1
