@@ -623,7 +623,10 @@ class _Connection(asyncio.Protocol):
             raise self._violate(f"{self._origin.key} sent bytes after the response")
         self._chunks.append(body)
         self._buffered += len(body)
-        if self._buffered > _HIGH_WATER and not self._paused and self._open:
+        # The mark is for a reader that lags (read_chunk). A sink takes all that one read
+        # brought as soon as the read is parsed and says itself when to stop (hold), so
+        # the size of one read must not pause it with no one to resume it.
+        if self._buffered > _HIGH_WATER and self._sink is None and not self._paused and self._open:
             assert self._transport is not None
             self._paused = True
             self._transport.pause_reading()

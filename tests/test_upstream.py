@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.upstream import (
+    UpstreamConnection,
     UpstreamError,
     UpstreamPool,
     UpstreamResponse,
@@ -811,6 +812,54 @@ async def test_a_reader_that_does_not_read_holds_back_a_64_mib_body() -> None:
             received += len(await response.read_chunk())
         response.close()
         assert pool.stats.connections == 0
+        await pool.close()
+
+
+class TakingSink:
+    """A sink as the relays are one: it takes every byte it is woken for."""
+
+    def __init__(self) -> None:
+        self.body = bytearray()
+        self.done = asyncio.Event()
+
+    def upstream_ready(self, connection: UpstreamConnection) -> None:
+        response = connection.response
+        if response is None:
+            return
+        self.body += response.take()
+        if response.complete:
+            response.release()
+            self.done.set()
+
+
+async def test_a_sink_is_not_paused_by_one_read_larger_than_the_buffer_mark() -> None:
+    # The event loops here read at most 256,000 bytes at a time, below the 256 KiB mark,
+    # so one larger read is delivered by hand: the mark must not pause a connection whose
+    # sink takes everything at once, or the rest of the body would never be read.
+    size = 300 * 1024
+    rest = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK)
+        await read_request(reader)
+        await rest.wait()
+        writer.write(b"tail")
+        await reader.read()
+
+    async with Backend(script) as backend:
+        pool = UpstreamPool()
+        assert await drain(await pool.request(backend.origin, "GET", "/", [])) == b"ok"
+        sink = TakingSink()
+        connection = pool.start(backend.origin, "GET", "/", b"", b"", sink)
+        assert connection is not None
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (size + 4)
+        connection.data_received(head + b"x" * size)
+        assert bytes(sink.body) == b"x" * size
+        rest.set()
+        await asyncio.wait_for(sink.done.wait(), 2.0)
+        assert bytes(sink.body[size:]) == b"tail"
+        assert pool.stats.idle == 1
         await pool.close()
 
 
