@@ -155,14 +155,33 @@ class TurnTracker:
                 side.observation.timed_out = self.can_see_end
                 self._end_side(turn, side, now)
 
-    def close(self, now: float, *, cancelled: bool) -> None:
-        """The session ended: conclude the open turns (ignored if the client left mid-turn)."""
+    def primary_over(self, now: float, *, cancelled: bool, error: str | None) -> bool:
+        """The primary connection ended: no frame can come for its open turns, which end
+        now. Cut off by the client or the proxy (``cancelled``), a turn is not compared;
+        ended by the backend, it is compared as it stands, with ``error`` if the backend
+        failed. Returns whether the shadow still owes a turn worth comparing."""
         for turn in list(self.open):
-            if cancelled and not turn.primary.ended:
-                turn.primary.observation.cancelled = True
+            if not turn.primary.ended:
+                observation = turn.primary.observation
+                if cancelled:
+                    observation.cancelled = True
+                elif error is not None:
+                    observation.error = error
+                self._end_side(turn, turn.primary, now)
+        return any(
+            turn.shadow is not None
+            and not turn.shadow.ended
+            and not turn.primary.observation.cancelled
+            for turn in self.open
+        )
+
+    def close(self, now: float) -> None:
+        """The session is over: a side still in a turn did not finish it in time."""
+        for turn in list(self.open):
             for side in (turn.primary, turn.shadow):
                 if side is not None and not side.ended:
-                    side.observation.timed_out = self.can_see_end and not cancelled
+                    cut = turn.primary.observation.cancelled
+                    side.observation.timed_out = self.can_see_end and not cut
                     self._end_side(turn, side, now)
 
     def _end_side(self, turn: _Turn, side: _Side, now: float) -> None:

@@ -143,6 +143,11 @@ class _Session:
         # Set once either leg starts the closing handshake, so that the other leg's
         # reader, which then sees its connection end, does not take it for a failure.
         self.closing = False
+        # Set when the backend ended the session (its close frame, or its connection
+        # lost), with why if it failed: turns it cut short are compared as they stand.
+        # Any other end (the client left or closed, the proxy stopped) cancels them.
+        self.backend_ended = False
+        self.backend_failure: str | None = None
         self.turn_started: float | None = None
         self.first_event = proxy.metrics.first_event.labels(route, backend.value, "primary")
         self.tracker: TurnTracker | None = None
@@ -201,30 +206,49 @@ class _Session:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            if self.shadow is not None:
-                if self.tracker is not None and self.outcome is not Outcome.CLIENT_CLOSED:
-                    # The shadow usually lags: let it finish the turns it still owes.
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self.tracker.idle):
-                            await self.tracker.settled.wait()
-                await self.shadow.stop()
-            for task in helpers:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            owed = False
             if self.tracker is not None:
-                cancelled = self.outcome is Outcome.CLIENT_CLOSED
-                self.tracker.close(time.perf_counter(), cancelled=cancelled)
-            if not self.upstream.closed:
-                await self.upstream.close(code=WSCloseCode.GOING_AWAY)
-            if not self.client.closed:
-                await self.client.close(code=WSCloseCode.GOING_AWAY)
+                owed = self.tracker.primary_over(
+                    time.perf_counter(),
+                    cancelled=not self.backend_ended,
+                    error=self.backend_failure,
+                )
+            # The user's session is over whatever the shadow still does: what is left of
+            # the shadow winds down on its own, owned by the shadow runner (which drains,
+            # then cuts it at shutdown), so neither the client's closing handshake nor a
+            # cancelled handler waits on it or cuts it short.
             proxy.websockets.discard(self.client)
             gauge.dec()
             proxy.metrics.count_request(
                 self.route, self.backend.value, "primary", self.outcome.value
             )
+            if self.shadow is not None or helpers:
+                wind_down = self._wind_down(helpers, owed and not proxy.shadows.closing)
+                proxy.shadows.adopt(self.route, wind_down)
+            if not self.upstream.closed:
+                await self.upstream.close(code=WSCloseCode.GOING_AWAY)
+            if not self.client.closed:
+                await self.client.close(code=WSCloseCode.GOING_AWAY)
         return self.client
+
+    async def _wind_down(self, helpers: list[asyncio.Task[None]], owed: bool) -> None:
+        """After the primary: let the shadow finish the turns it owes (it usually lags),
+        within the idle timeout, then stop it and conclude what is still open."""
+        tracker = self.tracker
+        try:
+            if owed and tracker is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(tracker.idle):
+                        await tracker.settled.wait()
+        finally:
+            if self.shadow is not None:
+                await self.shadow.stop()
+            for task in helpers:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if tracker is not None:
+                tracker.close(time.perf_counter())
 
     async def _client_to_upstream(self) -> None:
         client, upstream = self.client, self.upstream
@@ -250,8 +274,10 @@ class _Session:
                 self.closing = True
                 code = sendable(msg.data)
                 reason = msg.extra.encode() if msg.extra else b""
-                await upstream.close(code=code, message=reason)
+                # The client's handshake is answered first, with its own code: the
+                # backend's may be slow, and this task ends with the session.
                 await client.close(code=code, message=reason)
+                await upstream.close(code=code, message=reason)
                 return
             elif msg.type is WSMsgType.ERROR:
                 self.closing = True
@@ -291,18 +317,26 @@ class _Session:
                 return
             elif msg.type is WSMsgType.CLOSE:
                 self.closing = True
+                self.backend_ended = True
                 code = sendable(msg.data)
                 if code >= 1011 and code < 3000:
                     self.outcome = Outcome.SERVER_ERROR
+                    self.backend_failure = f"the backend closed the session with {code}"
                 await upstream.close(code=code)
                 await client.close(code=code, message=msg.extra.encode() if msg.extra else b"")
                 return
             else:
                 # The backend went away without a close frame, or sent garbage.
                 self.closing = True
+                self.backend_ended = True
                 too_big = upstream.close_code == WSCloseCode.MESSAGE_TOO_BIG
                 code = WSCloseCode.MESSAGE_TOO_BIG if too_big else WSCloseCode.INTERNAL_ERROR
                 self.outcome = Outcome.TOO_LARGE if too_big else Outcome.BROKEN
+                self.backend_failure = (
+                    "a backend message over the size limit"
+                    if too_big
+                    else "the backend connection was lost"
+                )
                 await client.close(code=code, message=b"backend connection lost")
                 return
 
@@ -353,6 +387,7 @@ class _Shadow:
         self.headers = headers
         self.queue: asyncio.Queue[str | bytes] = asyncio.Queue(self.QUEUE)
         self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.reader: asyncio.Task[None] | None = None
         self.lost = False
         self.outcome = Outcome.SUCCESS
         self.started = time.perf_counter()
@@ -388,7 +423,7 @@ class _Shadow:
             self.outcome = Outcome.UNREACHABLE
             self.fail("unreachable", f"shadow connection failed: {type(exc).__name__}")
             return
-        reader = asyncio.create_task(self._read(self.ws))
+        self.reader = asyncio.create_task(self._read(self.ws), name="ws-shadow-reader")
         try:
             while not self.lost:
                 data = await self.queue.get()
@@ -400,6 +435,11 @@ class _Shadow:
             self.outcome = Outcome.BROKEN
             self.fail("error", f"shadow connection failed: {type(exc).__name__}")
         finally:
+            await self._stop_reading()
+
+    async def _stop_reading(self) -> None:
+        reader, self.reader = self.reader, None
+        if reader is not None:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
@@ -423,6 +463,9 @@ class _Shadow:
     async def stop(self) -> None:
         self.lost = True
         metrics = self.session.proxy.metrics
+        # The reader goes first: a close() that has to break into a pending receive()
+        # waits on that receive, unbounded by the close timeout.
+        await self._stop_reading()
         if self.ws is not None and not self.ws.closed:
             await self.ws.close(code=WSCloseCode.GOING_AWAY)
         failed = self.outcome in (Outcome.UNREACHABLE, Outcome.BROKEN, Outcome.TIMEOUT)

@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
 from proxy.app import ProxyServer
 from proxy.settings import Settings
 from tests.proxy_harness import flags_document, write_flags
-from tests.shadow_harness import TOOL_PROMPT, ServerFactory, shadow_stack
+from tests.shadow_harness import TOOL_PROMPT, ServerFactory, Stack, shadow_stack
 
 TAGGED_CONTRACT = "agent_started agent_thinking agent_completed"
 
@@ -62,6 +65,15 @@ def tagged_settings(legacy: str, candidate: str, flags: Path, **route: object) -
             ],
         }
     )
+
+
+@asynccontextmanager
+async def user_socket(
+    stack: Stack, user: str = "user-1"
+) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    async with aiohttp.ClientSession() as client:
+        async with client.ws_connect(stack.url + "/ws/agent", headers={"X-User-Id": user}) as ws:
+            yield ws
 
 
 async def test_200_sessions_receive_only_their_primarys_frames_while_every_turn_is_compared(
@@ -123,16 +135,13 @@ async def test_websocket_turns_report_a_dropped_event_as_missing(
     aiohttp_server: ServerFactory, tmp_path: Path
 ) -> None:
     async with shadow_stack(aiohttp_server, tmp_path, rollout=0) as stack:
-        async with aiohttp.ClientSession() as client:
-            async with client.ws_connect(
-                stack.url + "/ws/agent", headers={"X-User-Id": "user-1"}
-            ) as ws:
-                for turn in range(3):
-                    if turn == 2:
-                        stack.knobs("candidate").drop = {"tool_completed"}
-                    await ws.send_json({"prompt": TOOL_PROMPT})
-                    while json.loads(await ws.receive_str(timeout=10))["type"] != "agent_completed":
-                        pass
+        async with user_socket(stack) as ws:
+            for turn in range(3):
+                if turn == 2:
+                    stack.knobs("candidate").drop = {"tool_completed"}
+                await ws.send_json({"prompt": TOOL_PROMPT})
+                while json.loads(await ws.receive_str(timeout=10))["type"] != "agent_completed":
+                    pass
         await stack.settle()
         assert stack.sample("strangler_comparisons_total", route="agent", outcome="match") == 2
         assert stack.sample("strangler_comparisons_total", route="agent", outcome="mismatch") == 1
@@ -150,14 +159,11 @@ async def test_another_users_event_never_reaches_a_websocket_client(
 ) -> None:
     async with shadow_stack(aiohttp_server, tmp_path, rollout=100) as stack:
         stack.knobs("candidate").leak_user = "someone-else"
-        async with aiohttp.ClientSession() as client:
-            async with client.ws_connect(
-                stack.url + "/ws/agent", headers={"X-User-Id": "user-1"}
-            ) as ws:
-                await ws.send_json({"prompt": TOOL_PROMPT})
-                frames = []
-                while not frames or frames[-1]["type"] != "agent_completed":
-                    frames.append(json.loads(await ws.receive_str(timeout=10)))
+        async with user_socket(stack) as ws:
+            await ws.send_json({"prompt": TOOL_PROMPT})
+            frames = []
+            while not frames or frames[-1]["type"] != "agent_completed":
+                frames.append(json.loads(await ws.receive_str(timeout=10)))
         await stack.settle()
         assert all(frame["user_id"] == "user-1" for frame in frames)
         assert "agent_thinking" not in [frame["type"] for frame in frames]
@@ -235,12 +241,9 @@ async def test_a_lagging_shadow_finishes_its_last_turn_after_the_client_leaves(
 ) -> None:
     async with shadow_stack(aiohttp_server, tmp_path, rollout=100) as stack:
         stack.knobs("legacy").latency_ms = 30  # the shadow answers well after the primary
-        async with aiohttp.ClientSession() as client:
-            async with client.ws_connect(
-                stack.url + "/ws/agent", headers={"X-User-Id": "user-1"}
-            ) as ws:
-                await turn(ws)
-                await turn(ws)
+        async with user_socket(stack) as ws:
+            await turn(ws)
+            await turn(ws)
         await stack.settle()
         assert stack.sample("strangler_comparisons_total", route="agent", outcome="match") == 2
         assert stack.sample("strangler_comparisons_total", route="agent", outcome="mismatch") == 0
@@ -251,18 +254,102 @@ async def test_a_turn_that_breaks_the_contract_ends_and_later_turns_compare_clea
     aiohttp_server: ServerFactory, tmp_path: Path
 ) -> None:
     async with shadow_stack(aiohttp_server, tmp_path, rollout=0) as stack:
-        async with aiohttp.ClientSession() as client:
-            async with client.ws_connect(
-                stack.url + "/ws/agent", headers={"X-User-Id": "user-1"}
-            ) as ws:
-                stack.knobs("candidate").drop = {"tool_completed"}
-                await turn(ws)
-                # Knobs apply when a turn starts: wait for the shadow's turn to start.
-                await stack.stats("candidate").wait_until(lambda s: s.shadow_turns >= 1)
-                stack.knobs("candidate").drop = set()
-                await turn(ws)
-                await turn(ws)
+        async with user_socket(stack) as ws:
+            stack.knobs("candidate").drop = {"tool_completed"}
+            await turn(ws)
+            # Knobs apply when a turn starts: wait for the shadow's turn to start.
+            await stack.stats("candidate").wait_until(lambda s: s.shadow_turns >= 1)
+            stack.knobs("candidate").drop = set()
+            await turn(ws)
+            await turn(ws)
         await stack.settle()
         assert stack.sample("strangler_comparisons_total", route="agent", outcome="mismatch") == 1
         assert stack.sample("strangler_comparisons_total", route="agent", outcome="match") == 2
         assert stack.sample("strangler_divergences_total", route="agent", kind="timeout") == 0
+
+
+def sessions_open(stack: Stack) -> float:
+    return sum(
+        stack.sample("strangler_websocket_sessions", route="agent", backend=backend)
+        for backend in ("legacy", "candidate")
+    )
+
+
+@pytest.mark.parametrize("how", ["close", "vanish"])
+async def test_a_client_that_leaves_mid_turn_cuts_the_turn_and_no_divergence_is_made(
+    aiohttp_server: ServerFactory, tmp_path: Path, how: str
+) -> None:
+    async with shadow_stack(aiohttp_server, tmp_path, rollout=0) as stack:
+        stack.knobs("legacy").latency_ms = 200  # the primary is mid-turn when the client goes
+        async with user_socket(stack) as ws:
+            await ws.send_json({"prompt": TOOL_PROMPT})
+            assert json.loads(await ws.receive_str(timeout=10))["type"] == "agent_started"
+            if how == "close":
+                await ws.close()
+            else:
+                ws.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+        await stack.settle()
+        assert stack.sample("strangler_comparisons_total", route="agent", outcome="ignored") == 1
+        assert stack.sample("strangler_comparisons_total", route="agent", outcome="mismatch") == 0
+        assert stack.sample("strangler_divergences_total", route="agent", kind="timeout") == 0
+        assert sessions_open(stack) == 0
+
+
+async def test_a_client_that_vanishes_after_a_turn_still_has_the_lagging_shadow_compared(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    async with shadow_stack(aiohttp_server, tmp_path, rollout=100) as stack:
+        stack.knobs("legacy").latency_ms = 30  # the shadow answers well after the primary
+        async with user_socket(stack) as ws:
+            await turn(ws)
+            ws.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+        await stack.settle()
+        assert stack.sample("strangler_comparisons_total", route="agent", outcome="match") == 1
+        assert stack.sample("strangler_comparisons_total", route="agent", outcome="mismatch") == 0
+        assert sessions_open(stack) == 0
+
+
+async def test_a_backend_that_fails_mid_turn_has_the_turn_compared_as_an_error_at_once(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    # The route's turns time out after an hour: only the backend's close can end this one.
+    overrides = {"turn_idle_seconds": 3600.0}
+    async with shadow_stack(aiohttp_server, tmp_path, route_overrides=overrides) as stack:
+        stack.knobs("legacy").error_rate = 1.0  # an error event, then close 1011
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(
+                stack.url + "/ws/agent", headers={"X-User-Id": "user-1"}
+            ) as ws:
+                await ws.send_json({"prompt": TOOL_PROMPT})
+                assert json.loads(await ws.receive_str(timeout=10))["type"] == "error"
+                closing = await ws.receive(timeout=10)
+                assert closing.type is WSMsgType.CLOSE and closing.data == 1011
+            await stack.settle()
+            await stack.proxy.store.flush()  # type: ignore[union-attr]
+            async with client.get(stack.server.admin_url + "/api/divergences?route=agent") as resp:
+                (record,) = (await resp.json())["divergences"]
+        assert stack.sample("strangler_comparisons_total", route="agent", outcome="mismatch") == 1
+        assert stack.sample("strangler_divergences_total", route="agent", kind="error") == 1
+        assert stack.sample("strangler_divergences_total", route="agent", kind="timeout") == 0
+        assert record["primary"] == "legacy"
+        assert record["reference"][-1]["error"] == "the backend closed the session with 1011"
+
+
+async def test_a_shadow_that_owes_a_turn_never_holds_up_the_clients_closing_handshake(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    # The shadow never answers and turns only time out after an hour: were the session
+    # to wait for the shadow before closing, the client's close would wait that long.
+    overrides = {"turn_idle_seconds": 3600.0}
+    async with shadow_stack(
+        aiohttp_server, tmp_path, rollout=100, route_overrides=overrides
+    ) as stack:
+        stack.knobs("legacy").hang = True
+        async with user_socket(stack) as ws:
+            await turn(ws)
+            async with asyncio.timeout(10):
+                await ws.close()
+            assert ws.close_code == 1000
+        assert sessions_open(stack) == 0
+        assert stack.proxy.shadows.tasks  # the shadow still owes its turn, on its own
+        assert stack.sample("strangler_comparisons_total", route="agent", outcome="match") == 0
