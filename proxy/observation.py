@@ -8,8 +8,6 @@ time to the first event and how the exchange ended. Time comes from the caller's
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from adapters.events import Event
 from adapters.json_body import JsonBodyDecoder
 from adapters.ndjson import NdjsonDecoder
@@ -31,18 +29,29 @@ def decoder_for(protocol: str, event_type_field: str, status: int | None = None)
     return JsonBodyDecoder(status if status is not None else 200, event_type_field=event_type_field)
 
 
-@dataclass(eq=False)
 class Observation:
-    backend: Backend
-    role: str  # "primary" or "shadow"
-    started: float
-    status: int | None = None
-    events: list[Event] = field(default_factory=list)
-    first_event: float | None = None  # seconds after start
-    duration: float | None = None  # seconds after start, once finished
-    timed_out: bool = False
-    error: str | None = None  # the exchange failed (transport, framing)
-    cancelled: bool = False  # the client went away: nothing to compare
+    """What one backend did in one exchange or turn. A plain class, not a dataclass:
+    compiled, a dataclass's generated ``__init__`` stays interpreted, and every shadowed
+    exchange builds two of these."""
+
+    def __init__(self, backend: Backend, role: str, started: float) -> None:
+        self.backend = backend
+        self.role = role  # "primary" or "shadow"
+        self.started = started
+        self.status: int | None = None
+        self.events: list[Event] = []
+        self.first_event: float | None = None  # seconds after start
+        self.duration: float | None = None  # seconds after start, once finished
+        self.timed_out = False
+        self.error: str | None = None  # the exchange failed (transport, framing)
+        self.cancelled = False  # the client went away: nothing to compare
+
+    def __repr__(self) -> str:
+        return (
+            f"Observation({self.backend.value} {self.role}, status={self.status}, "
+            f"{len(self.events)} events, error={self.error!r}, timed_out={self.timed_out}, "
+            f"cancelled={self.cancelled})"
+        )
 
     @property
     def finished(self) -> bool:

@@ -12,7 +12,6 @@ checked against the contract.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 from adapters.events import Event
 from proxy.experiment import RouteExperiment
@@ -20,22 +19,24 @@ from proxy.observation import Observation, Recorder
 from proxy.routing import Backend, Route
 
 
-@dataclass(eq=False)
+# Plain classes, not dataclasses: compiled, a dataclass's ``__init__`` stays interpreted,
+# and a shadowed session builds three of these a turn.
 class _Side:
-    recorder: Recorder
-    last_activity: float
-    ended: bool = False
+    def __init__(self, recorder: Recorder, last_activity: float) -> None:
+        self.recorder = recorder
+        self.last_activity = last_activity
+        self.ended = False
 
     @property
     def observation(self) -> Observation:
         return self.recorder.observation
 
 
-@dataclass(eq=False)
 class _Turn:
-    number: int
-    primary: _Side
-    shadow: _Side | None
+    def __init__(self, number: int, primary: _Side, shadow: _Side | None) -> None:
+        self.number = number
+        self.primary = primary
+        self.shadow = shadow
 
 
 MAX_OPEN_TURNS = 64
