@@ -222,9 +222,11 @@ class _Session:
             proxy.metrics.count_request(
                 self.route, self.backend.value, "primary", self.outcome.value
             )
-            if self.shadow is not None or helpers:
+            if self.shadow is not None:
                 wind_down = self._wind_down(helpers, owed and not proxy.shadows.closing)
                 proxy.shadows.adopt(self.route, wind_down)
+            elif helpers:
+                await self._wind_down(helpers, False)  # nothing owed: no wait
             if not self.upstream.closed:
                 await self.upstream.close(code=WSCloseCode.GOING_AWAY)
             if not self.client.closed:
