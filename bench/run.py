@@ -72,7 +72,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -184,6 +184,7 @@ class Settings:
     hang_warmup: float = 3.0
     hang_workloads: tuple[str, ...] = ("ndjson",)
     hang_rounds: int = 5
+    rounds: int = 3
 
 
 @dataclass
@@ -204,6 +205,7 @@ class Measurement:
     requests: int = 0  # HTTP requests completed in the loaded window
     p90_ms: float = 0.0
     counters: dict[str, float] = field(default_factory=dict)  # probe deltas, loaded window
+    round: int = 0  # the routing suite's round this run belongs to (its medians: -1)
 
 
 @dataclass
@@ -937,7 +939,7 @@ def start_nginx(
 ) -> tuple[int, int]:
     port = free_port()
     prefix = workdir / variant
-    prefix.mkdir()
+    prefix.mkdir(exist_ok=True)  # again in every round
     config = (BENCH_DIR / "nginx.conf.template").read_text()
     for name, value in {
         "PREFIX": str(prefix),
@@ -1099,7 +1101,7 @@ def start_strangler(
 ) -> tuple[int, int, int]:
     """Start ``strangler run``; its process group, proxy port and admin port."""
     directory = workdir / name
-    directory.mkdir()
+    directory.mkdir(exist_ok=True)  # again in every round
     port, admin_port = free_port(), free_port()
     config = directory / "strangler.toml"
     config.write_text(strangler_config(port, admin_port, ports, setup, directory))
@@ -1893,7 +1895,13 @@ def markdown_report(
         f"WebSocket: {settings.ws_sessions} sessions for {settings.ws_duration:g} s, then 1. "
         "Backends: legacy + candidate (`bench/backend.py`); nginx and strangler split users "
         "50/50 between them; direct drives both straight (load shared), its 1-client runs "
-        "go to legacy.",
+        "go to legacy."
+        + (
+            f" Every path measured in {settings.rounds} interleaved rounds, each starting one "
+            "path later; each row is the round of median throughput."
+            if settings.rounds > 1
+            else ""
+        ),
         "",
         "| workload | path | throughput | p50 | p99 | p50 at 1 client | vs nginx | vs direct |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -2038,6 +2046,12 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument(
         "--hang-rounds", type=int, default=5, help="repeat the hanging-shadow cases, interleaved"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="routing suite: interleaved rounds over the paths; each figure is the median",
+    )
     parser.add_argument("--quick", action="store_true", help="short windows, for a smoke run")
     parser.add_argument("--no-install", action="store_true", help="never call apt-get")
     parser.add_argument("--keep-temp", action="store_true", help="keep configs and logs")
@@ -2083,6 +2097,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         hang_warmup=hang_warmup,
         hang_workloads=hang_workloads,
         hang_rounds=max(1, args.hang_rounds),
+        rounds=max(1, args.rounds),
     )
 
 
@@ -2163,6 +2178,7 @@ def run_all(
     supervisor = Supervisor(settings.pin)
     paths = plan_paths(settings) if "routing" in settings.suites else []
     measurements: list[Measurement] = []
+    rounds: list[Measurement] = []
     shadow: ShadowResults | None = None
     try:
         with workspace(settings.keep_temp) as workdir:
@@ -2171,27 +2187,56 @@ def run_all(
             backends = start_backends(supervisor, workdir, backend_ports)
             wanted = "strangler" in settings.paths or "shadow" in settings.suites
             problem = strangler_runnable() if wanted else ""
-            for info in paths:
-                try:
-                    ports, proxy = open_path(info, supervisor, workdir, backend_ports, problem)
-                    if info.key in NGINX_TUNING:
-                        meta["nginx_workers"] = info.processes
-                    groups = {"backends": backends} | ({"proxy": [proxy]} if proxy else {})
-                    log(f"{info.label}: ports {ports}, split {info.split}")
-                    measurements += measure_path(settings, supervisor, groups, info.key, ports, log)
-                except BenchError as error:
-                    info.available = False
-                    info.reason = str(error).strip().splitlines()[0]
-                    log(f"{info.label}: not measured: {error}")
-                finally:
-                    supervisor.stop(info.key)
+            for number in range(settings.rounds):
+                # Each round starts one path later: on a shared, noisy machine the order
+                # of the runs must not favour one path.
+                shift = number % len(paths) if paths else 0
+                if settings.rounds > 1 and paths:
+                    log(f"routing round {number + 1} of {settings.rounds}")
+                for info in paths[shift:] + paths[:shift]:
+                    if not info.available:
+                        continue
+                    try:
+                        ports, proxy = open_path(info, supervisor, workdir, backend_ports, problem)
+                        if info.key in NGINX_TUNING:
+                            meta["nginx_workers"] = info.processes
+                        groups = {"backends": backends} | ({"proxy": [proxy]} if proxy else {})
+                        log(f"{info.label}: ports {ports}, split {info.split}")
+                        for m in measure_path(settings, supervisor, groups, info.key, ports, log):
+                            m.round = number
+                            rounds.append(m)
+                    except BenchError as error:
+                        info.available = False
+                        info.reason = str(error).strip().splitlines()[0]
+                        log(f"{info.label}: not measured: {error}")
+                    finally:
+                        supervisor.stop(info.key)
+            measurements += median_measurements(rounds)
             if "shadow" in settings.suites:
                 shadow = run_shadow_suite(
                     settings, supervisor, workdir, backend_ports, backends, problem, meta, log
                 )
     finally:
         supervisor.stop_all()
-    return paths, measurements, shadow
+    return paths, measurements, rounds, shadow
+
+
+def median_measurements(runs: list[Measurement]) -> list[Measurement]:
+    """Per workload and path, the run of median throughput (a real run, so its latencies
+    and CPU belong together), noting the spread of the rounds."""
+    groups: dict[tuple[str, str], list[Measurement]] = {}
+    for m in runs:
+        groups.setdefault((m.workload, m.path), []).append(m)
+    chosen = []
+    for group in groups.values():
+        ordered = sorted(group, key=lambda m: m.rate)
+        middle = replace(ordered[(len(ordered) - 1) // 2], round=-1)
+        if len(group) > 1:
+            rates = ", ".join(f"{m.rate:,.0f}" for m in sorted(group, key=lambda m: m.round))
+            note = f"median of {len(group)} rounds ({rates} {middle.unit})"
+            middle.notes = [*middle.notes, note]
+        chosen.append(middle)
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -2222,7 +2267,7 @@ def main(argv: list[str] | None = None) -> int:
         "background_cpu_percent": idle_check,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    paths, measurements, shadow = run_all(settings, meta, log)
+    paths, measurements, rounds, shadow = run_all(settings, meta, log)
 
     strangler_keys = [i.key for i in paths if i.key.startswith("strangler") and i.available]
     targets = evaluate_targets(measurements, strangler_keys)
@@ -2241,6 +2286,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
         "paths": [asdict(info) for info in paths],
         "measurements": [asdict(m) for m in measurements],
+        "rounds": [asdict(m) for m in rounds],
         "comparisons": comparisons(measurements),
         "targets": targets,
         "shadow": shadow_document(shadow, shadow_targets) if shadow is not None else None,
