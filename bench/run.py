@@ -1277,9 +1277,7 @@ def run_shadow_suite(
                 summary = shadow_summary(results.measurements[-1])
                 log(f"    {summary}")
         except BenchError as error:
-            info.available = False
-            info.reason = str(error).strip().splitlines()[0]
-            log(f"{info.label}: not measured: {error}")
+            not_measured(info, error, log)
         finally:
             supervisor.stop(info.key)
     if strangler_problem:
@@ -2172,7 +2170,7 @@ def open_path(
 
 def run_all(
     settings: Settings, meta: dict[str, Any], log: Callable[[str], None]
-) -> tuple[list[PathInfo], list[Measurement], ShadowResults | None]:
+) -> tuple[list[PathInfo], list[Measurement], list[Measurement], ShadowResults | None]:
     """Backends up once, then every path of every suite in turn, each stopped before the
     next starts."""
     supervisor = Supervisor(settings.pin)
@@ -2187,30 +2185,9 @@ def run_all(
             backends = start_backends(supervisor, workdir, backend_ports)
             wanted = "strangler" in settings.paths or "shadow" in settings.suites
             problem = strangler_runnable() if wanted else ""
-            for number in range(settings.rounds):
-                # Each round starts one path later: on a shared, noisy machine the order
-                # of the runs must not favour one path.
-                shift = number % len(paths) if paths else 0
-                if settings.rounds > 1 and paths:
-                    log(f"routing round {number + 1} of {settings.rounds}")
-                for info in paths[shift:] + paths[:shift]:
-                    if not info.available:
-                        continue
-                    try:
-                        ports, proxy = open_path(info, supervisor, workdir, backend_ports, problem)
-                        if info.key in NGINX_TUNING:
-                            meta["nginx_workers"] = info.processes
-                        groups = {"backends": backends} | ({"proxy": [proxy]} if proxy else {})
-                        log(f"{info.label}: ports {ports}, split {info.split}")
-                        for m in measure_path(settings, supervisor, groups, info.key, ports, log):
-                            m.round = number
-                            rounds.append(m)
-                    except BenchError as error:
-                        info.available = False
-                        info.reason = str(error).strip().splitlines()[0]
-                        log(f"{info.label}: not measured: {error}")
-                    finally:
-                        supervisor.stop(info.key)
+            rounds = run_routing_rounds(
+                settings, supervisor, workdir, backend_ports, backends, paths, problem, meta, log
+            )
             measurements += median_measurements(rounds)
             if "shadow" in settings.suites:
                 shadow = run_shadow_suite(
@@ -2219,6 +2196,51 @@ def run_all(
     finally:
         supervisor.stop_all()
     return paths, measurements, rounds, shadow
+
+
+def run_routing_rounds(
+    settings: Settings,
+    supervisor: Supervisor,
+    workdir: Path,
+    backend_ports: dict[str, int],
+    backends: list[int],
+    paths: list[PathInfo],
+    problem: str,
+    meta: dict[str, Any],
+    log: Callable[[str], None],
+) -> list[Measurement]:
+    """Every routing path, each started and stopped in turn, ``settings.rounds`` times;
+    each round starts one path later, so that on a shared, noisy machine the order of
+    the runs favours no path."""
+    runs: list[Measurement] = []
+    for number in range(settings.rounds):
+        if settings.rounds > 1 and paths:
+            log(f"routing round {number + 1} of {settings.rounds}")
+        shift = number % len(paths) if paths else 0
+        for info in paths[shift:] + paths[:shift]:
+            if not info.available:
+                continue
+            try:
+                ports, proxy = open_path(info, supervisor, workdir, backend_ports, problem)
+                if info.key in NGINX_TUNING:
+                    meta["nginx_workers"] = info.processes
+                groups = {"backends": backends} | ({"proxy": [proxy]} if proxy else {})
+                log(f"{info.label}: ports {ports}, split {info.split}")
+                for m in measure_path(settings, supervisor, groups, info.key, ports, log):
+                    m.round = number
+                    runs.append(m)
+            except BenchError as error:
+                not_measured(info, error, log)
+            finally:
+                supervisor.stop(info.key)
+    return runs
+
+
+def not_measured(info: PathInfo, error: BenchError, log: Callable[[str], None]) -> None:
+    """A path that could not be measured: reported in the tables with why."""
+    info.available = False
+    info.reason = str(error).strip().splitlines()[0]
+    log(f"{info.label}: not measured: {error}")
 
 
 def median_measurements(runs: list[Measurement]) -> list[Measurement]:
