@@ -154,6 +154,7 @@ class _Session:
         self.user_field: str | None = None
         self.user_id: str | None = None
         self.shadow: _Shadow | None = None
+        self.watcher: asyncio.Task[None] | None = None
 
     def observe(
         self,
@@ -192,11 +193,10 @@ class _Session:
             asyncio.create_task(self._client_to_upstream(), name="ws-client-to-upstream"),
             asyncio.create_task(self._upstream_to_client(), name="ws-upstream-to-client"),
         ]
-        helpers = []
         if self.tracker is not None:
-            helpers.append(asyncio.create_task(self._watch_turns(), name="ws-turns"))
+            self.watcher = asyncio.create_task(self._watch_turns(), name="ws-turns")
         if self.shadow is not None:
-            helpers.append(self.proxy.shadows.adopt(self.route, self.shadow.run()))
+            self.shadow.task = self.proxy.shadows.adopt(self.route, self.shadow.run())
         try:
             # Either side ending ends the session; the other leg is then closed.
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -213,44 +213,37 @@ class _Session:
                     cancelled=not self.backend_ended,
                     error=self.backend_failure,
                 )
-            # The user's session is over whatever the shadow still does: what is left of
-            # the shadow winds down on its own, owned by the shadow runner (which drains,
-            # then cuts it at shutdown), so neither the client's closing handshake nor a
-            # cancelled handler waits on it or cuts it short.
             proxy.websockets.discard(self.client)
             gauge.dec()
             proxy.metrics.count_request(
                 self.route, self.backend.value, "primary", self.outcome.value
             )
-            if self.shadow is not None:
-                wind_down = self._wind_down(helpers, owed and not proxy.shadows.closing)
-                proxy.shadows.adopt(self.route, wind_down)
-            elif helpers:
-                await self._wind_down(helpers, False)  # nothing owed: no wait
+            # The user's session is over whatever the shadow still does: a shadow still
+            # running finishes the turns it owes in its own task, owned by the shadow
+            # runner (drained, then cut at shutdown), and concludes the session's turns
+            # when it ends; neither the client's closing handshake nor a cancelled
+            # handler waits on it or cuts it short.
+            shadow = self.shadow
+            if shadow is not None and shadow.task is not None and not shadow.task.done():
+                shadow.finish(owed and not proxy.shadows.closing)
+            else:
+                await self.conclude()
             if not self.upstream.closed:
                 await self.upstream.close(code=WSCloseCode.GOING_AWAY)
             if not self.client.closed:
                 await self.client.close(code=WSCloseCode.GOING_AWAY)
         return self.client
 
-    async def _wind_down(self, helpers: list[asyncio.Task[None]], owed: bool) -> None:
-        """After the primary: let the shadow finish the turns it owes (it usually lags),
-        within the idle timeout, then stop it and conclude what is still open."""
-        tracker = self.tracker
-        try:
-            if owed and tracker is not None:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(tracker.idle):
-                        await tracker.settled.wait()
-        finally:
-            if self.shadow is not None:
-                await self.shadow.stop()
-            for task in helpers:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            if tracker is not None:
-                tracker.close(time.perf_counter())
+    async def conclude(self) -> None:
+        """Once the primary and the shadow are both over: stop watching the turns and
+        conclude those still open."""
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        if self.tracker is not None:
+            self.tracker.close(time.perf_counter())
 
     async def _client_to_upstream(self) -> None:
         client, upstream = self.client, self.upstream
@@ -387,10 +380,14 @@ class _Shadow:
         self.backend = backend
         self.url = url
         self.headers = headers
-        self.queue: asyncio.Queue[str | bytes] = asyncio.Queue(self.QUEUE)
+        self.queue: asyncio.Queue[str | bytes | None] = asyncio.Queue(self.QUEUE)
         self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.task: asyncio.Task[None] | None = None
         self.reader: asyncio.Task[None] | None = None
         self.lost = False
+        # Set by finish(): the primary is over, and whether the shadow owes turns.
+        self.finished = False
+        self.owed = False
         self.outcome = Outcome.SUCCESS
         self.started = time.perf_counter()
 
@@ -399,6 +396,16 @@ class _Shadow:
             return
         try:
             self.queue.put_nowait(data)
+        except asyncio.QueueFull:
+            self.fail("backlog", "the shadow fell behind the client's messages")
+
+    def finish(self, owed: bool) -> None:
+        """The session's primary is over: after the client's messages already queued,
+        wait (within the idle timeout) for the turns the shadow owes if ``owed``, then
+        end, concluding the session's turns."""
+        self.finished, self.owed = True, owed
+        try:
+            self.queue.put_nowait(None)
         except asyncio.QueueFull:
             self.fail("backlog", "the shadow fell behind the client's messages")
 
@@ -412,7 +419,16 @@ class _Shadow:
             session.tracker.shadow_lost(detail, time.perf_counter())
 
     async def run(self) -> None:
-        proxy = self.session.proxy
+        try:
+            await self._relay()
+        finally:
+            await self._stop()
+            if self.finished:  # the session has ended: the last one out concludes
+                await self.session.conclude()
+
+    async def _relay(self) -> None:
+        session = self.session
+        proxy = session.proxy
         settings = proxy.settings.server
         try:
             self.ws = await proxy.shadow_session.ws_connect(
@@ -429,6 +445,8 @@ class _Shadow:
         try:
             while not self.lost:
                 data = await self.queue.get()
+                if data is None:
+                    break
                 if isinstance(data, str):
                     await self.ws.send_str(data)
                 else:
@@ -436,8 +454,12 @@ class _Shadow:
         except (aiohttp.ClientError, ConnectionError) as exc:
             self.outcome = Outcome.BROKEN
             self.fail("error", f"shadow connection failed: {type(exc).__name__}")
-        finally:
-            await self._stop_reading()
+        tracker = session.tracker
+        if self.owed and not self.lost and tracker is not None:
+            # The shadow usually lags: let it finish the turns the primary did.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(tracker.idle):
+                    await tracker.settled.wait()
 
     async def _stop_reading(self) -> None:
         reader, self.reader = self.reader, None
@@ -462,7 +484,7 @@ class _Shadow:
                 self.fail("error", "the shadow backend closed the connection")
             return
 
-    async def stop(self) -> None:
+    async def _stop(self) -> None:
         self.lost = True
         metrics = self.session.proxy.metrics
         # The reader goes first: a close() that has to break into a pending receive()

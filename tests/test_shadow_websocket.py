@@ -275,37 +275,40 @@ def sessions_open(stack: Stack) -> float:
     )
 
 
-@pytest.mark.parametrize("how", ["close", "vanish"])
-async def test_a_client_that_leaves_mid_turn_cuts_the_turn_and_no_divergence_is_made(
-    aiohttp_server: ServerFactory, tmp_path: Path, how: str
+async def leave(ws: aiohttp.ClientWebSocketResponse, how: str) -> None:
+    if how == "close":
+        await ws.close()
+    else:
+        ws.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.parametrize(
+    ("when", "how", "outcome"),
+    [
+        ("mid-turn", "close", "ignored"),
+        ("mid-turn", "vanish", "ignored"),
+        ("after a turn", "vanish", "match"),
+    ],
+)
+async def test_a_client_that_leaves_mid_turn_is_ignored_after_a_turn_compared_never_a_divergence(
+    aiohttp_server: ServerFactory, tmp_path: Path, when: str, how: str, outcome: str
 ) -> None:
-    async with shadow_stack(aiohttp_server, tmp_path, rollout=0) as stack:
-        stack.knobs("legacy").latency_ms = 200  # the primary is mid-turn when the client goes
+    mid_turn = when == "mid-turn"
+    # Legacy is slow: mid-turn, it serves and the client leaves during its turn; after a
+    # turn, it is the lagging shadow, which still finishes the turn after the client left.
+    async with shadow_stack(aiohttp_server, tmp_path, rollout=0 if mid_turn else 100) as stack:
+        stack.knobs("legacy").latency_ms = 200 if mid_turn else 30
         async with user_socket(stack) as ws:
-            await ws.send_json({"prompt": TOOL_PROMPT})
-            assert json.loads(await ws.receive_str(timeout=10))["type"] == "agent_started"
-            if how == "close":
-                await ws.close()
+            if mid_turn:
+                await ws.send_json({"prompt": TOOL_PROMPT})
+                assert json.loads(await ws.receive_str(timeout=10))["type"] == "agent_started"
             else:
-                ws.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+                await turn(ws)
+            await leave(ws, how)
         await stack.settle()
-        assert stack.sample("strangler_comparisons_total", route="agent", outcome="ignored") == 1
+        assert stack.sample("strangler_comparisons_total", route="agent", outcome=outcome) == 1
         assert stack.sample("strangler_comparisons_total", route="agent", outcome="mismatch") == 0
         assert stack.sample("strangler_divergences_total", route="agent", kind="timeout") == 0
-        assert sessions_open(stack) == 0
-
-
-async def test_a_client_that_vanishes_after_a_turn_still_has_the_lagging_shadow_compared(
-    aiohttp_server: ServerFactory, tmp_path: Path
-) -> None:
-    async with shadow_stack(aiohttp_server, tmp_path, rollout=100) as stack:
-        stack.knobs("legacy").latency_ms = 30  # the shadow answers well after the primary
-        async with user_socket(stack) as ws:
-            await turn(ws)
-            ws.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
-        await stack.settle()
-        assert stack.sample("strangler_comparisons_total", route="agent", outcome="match") == 1
-        assert stack.sample("strangler_comparisons_total", route="agent", outcome="mismatch") == 0
         assert sessions_open(stack) == 0
 
 
@@ -351,5 +354,18 @@ async def test_a_shadow_that_owes_a_turn_never_holds_up_the_clients_closing_hand
                 await ws.close()
             assert ws.close_code == 1000
         assert sessions_open(stack) == 0
-        assert stack.proxy.shadows.tasks  # the shadow still owes its turn, on its own
+        assert len(stack.proxy.shadows.tasks) == 1  # the shadow still owes its turn, alone
         assert stack.sample("strangler_comparisons_total", route="agent", outcome="match") == 0
+    # Shutdown cut it: one shadow, one drop; its turn concluded (as a timeout).
+    assert stack.sample("strangler_shadow_dropped_total", route="agent", reason="shutdown") == 1
+    assert stack.sample("strangler_divergences_total", route="agent", kind="timeout") == 1
+    assert (
+        stack.sample(
+            "strangler_requests_total",
+            route="agent",
+            backend="legacy",
+            role="shadow",
+            outcome="success",
+        )
+        == 1
+    )
