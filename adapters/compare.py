@@ -41,6 +41,8 @@ class DivergenceKind(enum.StrEnum):
     ERROR = "error"
     TIMEOUT = "timeout"
 
+    __hash__ = str.__hash__  # the C hash, not Enum's Python one
+
 
 @dataclass(frozen=True, slots=True)
 class Divergence:

@@ -28,16 +28,15 @@ from flags.unleash import UnleashFlagProvider
 from proxy import __version__, build
 from proxy.admin import build_admin_app, refresh_rollout_gauges
 from proxy.context import Proxy
+from proxy.dispatch import build_handler
 from proxy.divergence_store import DivergenceStore
 from proxy.experiment import RouteExperiment
-from proxy.http_relay import relay_http, respond_error
 from proxy.metrics import Metrics
-from proxy.routing import UNROUTED, Backend, RouteTable, choose_backend
-from proxy.server import Handler, HttpServer, Request
+from proxy.routing import Backend, RouteTable, choose_backend
+from proxy.server import HttpServer
 from proxy.settings import FlagSettings, Settings
 from proxy.shadow import ShadowRunner
 from proxy.upstream import UpstreamPool
-from proxy.websocket_direct import relay_websocket_direct
 from proxy.websocket_relay import close_all, is_websocket_upgrade, relay_websocket
 
 log = logging.getLogger("strangler")
@@ -62,35 +61,6 @@ def build_flag_provider(flags: FlagSettings) -> FlagProvider:
     return FileFlagProvider(
         flags.file, poll_interval=flags.poll_interval, static_context=static_context
     )
-
-
-def build_handler(proxy: Proxy) -> Handler:
-    """The proxy listener's one handler: route, decide, relay.
-
-    Every path is proxied, so there is no application router: the lean server of
-    ``proxy.server`` calls this for each request. WebSocket upgrades are handed over to
-    aiohttp's server (``build_upgrade_handler``) with their connection.
-    """
-    routes = proxy.routes
-    flags = proxy.flags
-
-    def handle(request: Request) -> Awaitable[None] | None:
-        route = routes.match(request.path)
-        user_id = request.key or None
-        backend = choose_backend(route, user_id, flags.is_enabled)
-        if not request.upgrade:
-            return relay_http(request, proxy, route, backend, user_id)
-        if proxy.draining:
-            label = route.name if route is not None else UNROUTED
-            respond_error(request, 503, "shutting_down", "the proxy is draining", backend, label)
-            return None
-        experiment = proxy.experiments.get(route.name) if route is not None else None
-        if experiment is None or not experiment.watches:
-            return relay_websocket_direct(request, proxy, route, backend)
-        request.hand_off()  # a watched session: aiohttp's relay decodes its messages
-        return None
-
-    return handle
 
 
 def build_upgrade_handler(

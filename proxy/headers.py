@@ -9,7 +9,7 @@ speak for the proxy: its ``X-Strangler-*`` headers are dropped. The proxy adds t
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, AnyStr, Generic, NamedTuple
+from typing import Any, AnyStr, Final, Generic, NamedTuple
 
 HOP_BY_HOP = frozenset(
     {
@@ -58,6 +58,17 @@ def _b(names: frozenset[str]) -> frozenset[bytes]:
     return frozenset(name.encode() for name in names)
 
 
+# What a header name is to the hygiene, as bits: the drop sets it is in, and the names
+# handled apart. Computed once per spelling of a name, from its lower case.
+_HOP: Final = 1  # in HOP_BY_HOP
+_REQUEST: Final = 2  # in the request drop set
+_WEBSOCKET: Final = 4  # in the WebSocket handshake drop set
+_CONNECTION: Final = 8
+_OWNED: Final = 16  # X-Strangler-*
+_FORWARDED_FOR: Final = 32
+_KINDS_MAX: Final = 4096  # header names are the client's to choose: the cache stops growing
+
+
 class _Spelling(NamedTuple, Generic[AnyStr]):
     """The same hygiene over text (aiohttp's headers) or bytes (the parsers' own)."""
 
@@ -70,7 +81,7 @@ class _Spelling(NamedTuple, Generic[AnyStr]):
     websocket_drop: frozenset[AnyStr]
 
 
-_TEXT = _Spelling(
+_TEXT: Final = _Spelling(
     "connection",
     ",",
     PROXY_OWNED_PREFIX,
@@ -79,7 +90,7 @@ _TEXT = _Spelling(
     _REQUEST_DROP,
     _WEBSOCKET_DROP,
 )
-_BYTES = _Spelling(
+_BYTES: Final = _Spelling(
     b"connection",
     b",",
     PROXY_OWNED_PREFIX.encode(),
@@ -88,39 +99,64 @@ _BYTES = _Spelling(
     _b(_REQUEST_DROP),
     _b(_WEBSOCKET_DROP),
 )
+# Header name (as spelt, str or bytes) -> its kind bits.
+_KINDS: Final[dict[Any, int]] = {}
+
+
+def _kind(name: Any, spelling: _Spelling[Any]) -> int:
+    lower = name.lower()
+    kind = 0
+    if lower in spelling.hop_by_hop:
+        kind |= _HOP
+    if lower in spelling.request_drop:
+        kind |= _REQUEST
+    if lower in spelling.websocket_drop:
+        kind |= _WEBSOCKET
+    if lower == spelling.connection:
+        kind |= _CONNECTION
+    if lower.startswith(spelling.prefix):
+        kind |= _OWNED
+    if lower == spelling.forwarded_for:
+        kind |= _FORWARDED_FOR
+    if len(_KINDS) < _KINDS_MAX:
+        _KINDS[name] = kind
+    return kind
 
 
 def _clean(
     headers: Iterable[tuple[AnyStr, AnyStr]],
-    drop: frozenset[AnyStr],
+    drop: int,
     spelling: _Spelling[AnyStr],
 ) -> tuple[list[tuple[AnyStr, AnyStr]], list[AnyStr]]:
-    """The headers without those in ``drop``, those a Connection header names and the
-    proxy's own; and the X-Forwarded-For values, taken out (unless Connection names it)."""
+    """The headers without those of the ``drop`` kind, those a Connection header names
+    and the proxy's own; and the X-Forwarded-For values, taken out (unless Connection
+    names it)."""
     out: list[tuple[AnyStr, AnyStr]] = []
     forwarded_for: list[AnyStr] = []
     # Typed Any: compiled, the body is one for both spellings, not one per spelling.
     named: set[Any] | None = None
-    connection: Any = spelling.connection
-    prefix: Any = spelling.prefix
-    forwarded: Any = spelling.forwarded_for
     comma: Any = spelling.comma
+    kinds = _KINDS
     for name, value in headers:
-        lower = name.lower()
-        if lower in drop:
-            if lower == connection:
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _kind(name, spelling)
+        if kind == 0:
+            out.append((name, value))
+        elif kind & drop:
+            if kind & _CONNECTION:
                 tokens = {token.strip().lower() for token in value.split(comma)}
                 named = tokens if named is None else named | tokens
-            continue
-        if lower.startswith(prefix):
-            continue
-        if lower == forwarded:
+        elif kind & _FORWARDED_FOR:
             forwarded_for.append(value)
-            continue
-        out.append((name, value))
+        elif not kind & _OWNED:
+            out.append((name, value))
+    if named:
+        # Most often it names only what goes anyway (keep-alive, close, upgrade).
+        named = {token for token in named if token and not _kind(token, spelling) & drop}
     if named:
         out = [(name, value) for name, value in out if name.lower() not in named]
-        if forwarded in named:
+        if spelling.forwarded_for in named:
             forwarded_for = []
     return out, forwarded_for
 
@@ -140,8 +176,7 @@ def upstream_request_headers(
     handshake; only the subprotocol offer is carried over (separately), never the
     client's key or extensions.
     """
-    drop = _TEXT.websocket_drop if websocket else _TEXT.request_drop
-    out, forwarded_for = _clean(headers, drop, _TEXT)
+    out, forwarded_for = _clean(headers, _WEBSOCKET if websocket else _REQUEST, _TEXT)
     if client_ip:
         forwarded_for.append(client_ip)
     if forwarded_for:
@@ -162,9 +197,8 @@ def upstream_request_block(
 ) -> bytes:
     """``upstream_request_headers`` over a parser's raw headers, as the header lines of
     the upstream request (each ending CRLF)."""
-    drop = _BYTES.websocket_drop if websocket else _BYTES.request_drop
-    out, forwarded_for = _clean(headers, drop, _BYTES)
-    lines = [b"%b: %b\r\n" % pair for pair in out]
+    out, forwarded_for = _clean(headers, _WEBSOCKET if websocket else _REQUEST, _BYTES)
+    lines = [b"%b: %b\r\n" % (name, value) for name, value in out]
     if client_ip:
         forwarded_for.append(client_ip.encode())
     if forwarded_for:
@@ -182,7 +216,7 @@ def downstream_response_block(
     headers, those a Connection header names and the proxy's own dropped,
     ``X-Strangler-Backend`` added; as header lines without Content-Length, and the
     Content-Length value, if there was one."""
-    out, forwarded_for = _clean(headers, _BYTES.hop_by_hop, _BYTES)
+    out, forwarded_for = _clean(headers, _HOP, _BYTES)
     length = None
     lines = []
     for name, value in out:

@@ -23,7 +23,7 @@ import logging
 import random
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -48,7 +48,7 @@ from proxy.upstream import (
 
 log = logging.getLogger("strangler.relay")
 
-SHADOW_LINE = f"{SHADOW_HEADER}: 1\r\n".encode()
+SHADOW_LINE: Final = f"{SHADOW_HEADER}: 1\r\n".encode()
 
 
 def error_body(
@@ -68,7 +68,7 @@ def respond_error(
     request.respond(status, "", headers, body)
 
 
-_SHADOW_FAILURES = frozenset({Outcome.TIMEOUT, Outcome.UNREACHABLE, Outcome.BROKEN})
+_SHADOW_FAILURES: Final = frozenset({Outcome.TIMEOUT, Outcome.UNREACHABLE, Outcome.BROKEN})
 
 
 def outcome_of_status(status: int) -> Outcome:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 import math
-from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -48,6 +47,8 @@ class Outcome(enum.StrEnum):
     BROKEN = "broken"  # backend failed mid-stream
     CLIENT_CLOSED = "client_closed"  # the client went away first
 
+    __hash__ = str.__hash__  # the C hash, not Enum's Python one (see routing.Backend)
+
 
 ERROR_OUTCOMES = frozenset(
     {Outcome.SERVER_ERROR, Outcome.UNREACHABLE, Outcome.TIMEOUT, Outcome.BROKEN}
@@ -60,11 +61,11 @@ class Metrics:
         # Labelled children looked up once per label set: ``labels()`` validates and
         # locks on every call, which shows on the per-request path.
         self._children: dict[tuple[object, ...], Any] = {}
-        self._counts: dict[tuple[str, ...], int] = {}
+        self._batches: dict[tuple[str, str, str], _Batch] = {}
         self._increments: dict[tuple[Any, tuple[str, ...]], int] = {}
-        self._durations: dict[tuple[str, ...], _Pending] = {}
-        self._first_events: dict[tuple[str, ...], _Pending] = {}
-        self._bounds = (*LATENCY_BUCKETS, math.inf)
+        # A list: typed as the fixed-length tuple it is built from, mypyc would keep it
+        # unboxed and box its 17 floats into a new tuple at every use.
+        self._bounds: list[float] = [*LATENCY_BUCKETS, math.inf]
         r = self.registry
         # Registered first, so that it runs before the collectors it feeds.
         r.register(_Flush(self))
@@ -162,17 +163,26 @@ class Metrics:
     def count_dropped(self, route: str, reason: str) -> None:
         self.increment(self.shadow_dropped, route, reason)
 
-    # The three per-exchange observations are batched: a dict update here, the
+    # The three per-exchange observations are batched: a few native updates here, the
     # Prometheus values (locked, and mmap-backed with workers) updated in bulk by
-    # ``flush``, which every collection of the registry runs first.
+    # ``flush``, which every collection of the registry runs first. One batch per
+    # route, backend and role holds all three: one lookup per exchange.
+
+    def _batch(self, route: str, backend: str, role: str) -> _Batch:
+        key = (route, backend, role)
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = _Batch(len(self._bounds))
+        return batch
 
     def count_request(self, route: str, backend: str, role: str, outcome: str) -> None:
-        key = (route, backend, role, outcome)
-        counts = self._counts
-        counts[key] = counts.get(key, 0) + 1
+        counts = self._batch(route, backend, role).counts
+        counts[outcome] = counts.get(outcome, 0) + 1
 
     def observe_first_event(self, route: str, backend: str, role: str, seconds: float) -> None:
-        self._observe(self._first_events, (route, backend, role), seconds)
+        batch = self._batch(route, backend, role)
+        batch.first_total += seconds
+        batch.first_buckets[self._bucket(seconds)] += 1
 
     def exchange(
         self,
@@ -185,53 +195,61 @@ class Metrics:
     ) -> None:
         """One exchange's count, duration and first-event time at once (either time may
         be missing)."""
-        key = (route, backend, role, outcome)
-        counts = self._counts
-        counts[key] = counts.get(key, 0) + 1
-        labels = key[:3]
+        batch = self._batch(route, backend, role)
+        counts = batch.counts
+        counts[outcome] = counts.get(outcome, 0) + 1
         if duration is not None:
-            self._observe(self._durations, labels, duration)
+            batch.duration_total += duration
+            batch.duration_buckets[self._bucket(duration)] += 1
         if first_event is not None:
-            self._observe(self._first_events, labels, first_event)
+            batch.first_total += first_event
+            batch.first_buckets[self._bucket(first_event)] += 1
 
-    def _observe(
-        self, pending: dict[tuple[str, ...], _Pending], key: tuple[str, ...], value: float
-    ) -> None:
-        slot = pending.get(key)
-        if slot is None:
-            slot = pending[key] = _Pending(len(self._bounds))
-        slot.total += value
-        slot.buckets[bisect_left(self._bounds, value)] += 1
+    def _bucket(self, value: float) -> int:
+        """The first bucket whose bound is at or above the value (Prometheus' "le"). Most
+        values fall in the first few, so a compiled scan beats a call to bisect."""
+        bounds = self._bounds
+        index = 0
+        last = len(bounds) - 1
+        while index < last and value > bounds[index]:
+            index += 1
+        return index
 
     def flush(self) -> None:
         """Move the batched observations into the Prometheus values."""
-        counts, self._counts = self._counts, {}
-        for labels, n in counts.items():
-            self._child(self.requests, *labels).inc(n)
-        increments, self._increments = self._increments, {}
-        for (metric, labels), n in increments.items():
-            self._child(metric, *labels).inc(n)
-        for metric, attr in ((self.duration, "_durations"), (self.first_event, "_first_events")):
-            pending: dict[tuple[str, ...], _Pending] = getattr(self, attr)
-            if not pending:
-                continue
-            setattr(self, attr, {})
-            for labels, slot in pending.items():
+        batches, self._batches = self._batches, {}
+        for labels, batch in batches.items():
+            for outcome, n in batch.counts.items():
+                self._child(self.requests, *labels, outcome).inc(n)
+            for metric, buckets, total in (
+                (self.duration, batch.duration_buckets, batch.duration_total),
+                (self.first_event, batch.first_buckets, batch.first_total),
+            ):
+                if not any(buckets):
+                    continue
                 child = self._child(metric, *labels)
                 # prometheus_client keeps a histogram child as per-bucket (non-cumulative)
                 # values and a sum; observe() adds to one bucket and the sum, as here.
-                for index, n in enumerate(slot.buckets):
+                for index, n in enumerate(buckets):
                     if n:
                         child._buckets[index].inc(n)
-                child._sum.inc(slot.total)
+                child._sum.inc(total)
+        increments, self._increments = self._increments, {}
+        for (metric, values), n in increments.items():
+            self._child(metric, *values).inc(n)
 
 
-class _Pending:
-    __slots__ = ("buckets", "total")
+class _Batch:
+    """What one route, backend and role saw since the last flush."""
+
+    __slots__ = ("counts", "duration_buckets", "duration_total", "first_buckets", "first_total")
 
     def __init__(self, size: int) -> None:
-        self.total = 0.0
-        self.buckets = [0] * size
+        self.counts: dict[str, int] = {}
+        self.duration_total = 0.0
+        self.duration_buckets = [0] * size
+        self.first_total = 0.0
+        self.first_buckets = [0] * size
 
 
 class _Flush:

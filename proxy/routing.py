@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from proxy.settings import RouteSettings, normalised_prefix
 
@@ -19,8 +20,13 @@ class Backend(enum.StrEnum):
     LEGACY = "legacy"
     CANDIDATE = "candidate"
 
+    # Enum hashes a member by its name in a Python-level __hash__, which runs the
+    # interpreter on every dict lookup keyed by a member (per request: metrics, pools).
+    # The str hash is the C one, cached, and agrees with == (a member equals its value).
+    __hash__ = str.__hash__
 
-UNROUTED = "_unrouted"
+
+UNROUTED: Final = "_unrouted"
 """The metrics label for requests that match no route (they go to legacy unchanged)."""
 
 

@@ -32,7 +32,7 @@ import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
-from typing import cast
+from typing import Final, cast
 from urllib.parse import unquote
 
 import httptools
@@ -50,12 +50,17 @@ RawHeaders = list[tuple[bytes, bytes]]
 Handler = Callable[["Request"], Awaitable[None] | None]
 Fallback = Callable[[], asyncio.Protocol]
 
-MAX_HEAD_BYTES = 64 * 1024
-MAX_HEADERS = 256
-LINGER_SECONDS = 5.0
-_WRITE_HIGH = 64 * 1024
-_NO_BODY_STATUS = frozenset({204, 304})
-_ENCODING = ("utf-8", "surrogateescape")
+MAX_HEAD_BYTES: Final = 64 * 1024
+MAX_HEADERS: Final = 256
+LINGER_SECONDS: Final = 5.0
+_WRITE_HIGH: Final = 64 * 1024
+_NO_BODY_STATUS: Final = frozenset({204, 304})
+_ENCODING: Final = ("utf-8", "surrogateescape")
+# The parser's method bytes to the str every request carries, without a decode each time.
+_METHODS: Final[dict[bytes, str]] = {
+    m.encode(): m
+    for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
+}
 
 
 class BodyTooLarge(Exception):
@@ -77,7 +82,7 @@ def _reason(status: int) -> str:
         return ""
 
 
-_STATUS_LINES: dict[tuple[int, str], bytes] = {}
+_STATUS_LINES: Final[dict[tuple[int, str], bytes]] = {}
 
 
 def _header_block(headers: Sequence[tuple[str, str]]) -> tuple[bytes, bytes | None]:
@@ -474,6 +479,7 @@ class _Connection(asyncio.Protocol):
         "_key_name",
         "_key_size",
         "_length",
+        "_named_connection",
         "_parser",
         "_queue",
         "_read_size",
@@ -504,6 +510,7 @@ class _Connection(asyncio.Protocol):
         self._host: str | None = None
         self._expect = False
         self._length = -1
+        self._named_connection = False
         self._key: str | None = None
         self._key_name = server.key_header
         self._key_size = len(server.key_header) if server.key_header else -1
@@ -634,6 +641,8 @@ class _Connection(asyncio.Protocol):
             self._expect = value.strip().lower() == b"100-continue"
         elif size == 14 and name.lower() == b"content-length" and value.isdigit():
             self._length = int(value)
+        elif (size == 10 or size == 16) and name.lower().endswith(b"connection"):
+            self._named_connection = True  # Connection or Proxy-Connection (llhttp reads both)
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -647,16 +656,23 @@ class _Connection(asyncio.Protocol):
             raise _Refused(431, f"more than {MAX_HEADERS} header fields")
         parser = self._parser
         url = urls[0] if len(urls) == 1 else b"".join(urls)
-        method = parser.get_method().decode("ascii")
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method) or raw_method.decode("ascii")
         if method == "CONNECT":
             raise _Refused(405, "CONNECT is not served here")
+        keep_alive = parser.should_keep_alive()
+        # llhttp keeps an HTTP/1.0 connection alive only when a Connection (or
+        # Proxy-Connection) header asks, and accepts no other 1.x above 1.0: alive without
+        # such a header is HTTP/1.1. That spares get_http_version, which formats a string.
+        alive_by_default = keep_alive and not self._named_connection
+        version = "1.1" if alive_by_default else parser.get_http_version()
         request = Request(
             self,
             method,
             url.decode(*_ENCODING),
-            parser.get_http_version(),
+            version,
             headers,
-            parser.should_keep_alive(),
+            keep_alive,
             self._host,
             self._expect,
             self._length,
@@ -669,6 +685,7 @@ class _Connection(asyncio.Protocol):
         self._host = self._key = None
         self._expect = False
         self._length = -1
+        self._named_connection = False
         request.upgrade = parser.should_upgrade()
         if self.closing:
             # The connection ends after the answer under way (an early 413, shutdown):

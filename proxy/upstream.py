@@ -391,6 +391,7 @@ class _Connection(asyncio.Protocol):
         "_last_rx",
         "_loop",
         "_lost",
+        "_named_connection",
         "_open",
         "_origin",
         "_parser",
@@ -460,6 +461,7 @@ class _Connection(asyncio.Protocol):
         self._chunked = False
         self._said_close = False
         self._said_keep_alive = False
+        self._named_connection = False
         self._got_bytes = False
         self._stale = False
         self._write_failed = False
@@ -576,6 +578,9 @@ class _Connection(asyncio.Protocol):
             tokens = {token.strip() for token in value.lower().split(b",")}
             self._said_close = self._said_close or b"close" in tokens
             self._said_keep_alive = self._said_keep_alive or b"keep-alive" in tokens
+            self._named_connection = True
+        elif size == 16 and name.lower() == b"proxy-connection":
+            self._named_connection = True  # llhttp reads it as Connection
         elif size == 14 and name.lower() == b"content-length":
             self._has_length = True
         elif size == 17 and name.lower() == b"transfer-encoding":
@@ -592,7 +597,11 @@ class _Connection(asyncio.Protocol):
                 raise self._violate(f"{self._origin.key} switched protocols")
             self._interim = True  # 100 Continue, 103 Early Hints: the real head follows
             return
-        version: str = parser.get_http_version()
+        # llhttp keeps an HTTP/1.0 connection alive only when a Connection (or
+        # Proxy-Connection) header asks, and accepts no other 1.x above 1.0: alive without
+        # such a header is HTTP/1.1. That spares get_http_version, which formats a string.
+        alive_by_default = not self._named_connection and parser.should_keep_alive()
+        version: str = "1.1" if alive_by_default else parser.get_http_version()
         no_body = self._head_only or status == 204 or status == 304
         self._eof_body = not no_body and not self._has_length and not self._chunked
         if version == "1.1":
@@ -638,7 +647,7 @@ class _Connection(asyncio.Protocol):
             self._reason = b""
             self._headers = []
             self._has_length = self._chunked = False
-            self._said_close = self._said_keep_alive = False
+            self._said_close = self._said_keep_alive = self._named_connection = False
             return
         if self._phase == _BODY:
             # llhttp is at the start of the next message: the parser serves again.

@@ -414,6 +414,8 @@ async def test_an_unread_but_complete_response_still_frees_its_connection() -> N
         ([], b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"),
         ([], b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive, Close\r\nContent-Length: 2\r\n\r\nok"),
         ([], b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        # llhttp takes this for keep-alive; the pool reuses HTTP/1.0 only on Connection.
+        ([], b"HTTP/1.0 200 OK\r\nProxy-Connection: keep-alive\r\nContent-Length: 2\r\n\r\nok"),
         ([("Connection", "close")], OK),
     ],
 )

@@ -1,0 +1,81 @@
+"""The batched per-exchange metrics expose exactly what direct Prometheus updates would."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.metrics import LATENCY_BUCKETS, Metrics, Outcome
+from proxy.routing import Backend
+
+# On, just below and just above every bound (Prometheus buckets are "le": a value on a
+# bound belongs to it), plus zero, and values past the last bound (+Inf).
+VALUES = [0.0, 120.0, 1e9] + [
+    value for bound in LATENCY_BUCKETS for value in (bound, bound * 0.999, bound * 1.001)
+]
+
+
+def samples(registry: CollectorRegistry, prefix: str) -> dict[tuple[str, tuple], float]:
+    text = generate_latest(registry).decode()
+    found: dict[tuple[str, tuple], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith(prefix) and not sample.name.endswith("_created"):
+                name = sample.name[len(prefix) :]
+                found[(name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def test_batched_observations_land_in_the_buckets_a_histogram_would_put_them_in() -> None:
+    metrics = Metrics()
+    reference_registry = CollectorRegistry()
+    reference = Histogram(
+        "reference",
+        "direct observe()",
+        ["route", "backend", "role"],
+        buckets=LATENCY_BUCKETS,
+        registry=reference_registry,
+    )
+    for index, value in enumerate(VALUES):
+        backend = Backend.CANDIDATE if index % 2 else Backend.LEGACY
+        metrics.exchange("agent", backend, "primary", Outcome.SUCCESS, value, None)
+        reference.labels("agent", backend.value, "primary").observe(value)
+    got = samples(metrics.registry, "strangler_request_duration_seconds")
+    want = samples(reference_registry, "reference")
+    assert got == want
+    assert got[("_count", (("backend", "legacy"), ("role", "primary"), ("route", "agent")))] > 0
+
+
+def test_counts_and_first_events_are_kept_apart_per_route_backend_role_and_outcome() -> None:
+    metrics = Metrics()
+    metrics.exchange("agent", Backend.LEGACY, "primary", Outcome.SUCCESS, 0.002, 0.001)
+    metrics.exchange("agent", Backend.LEGACY, "primary", Outcome.SUCCESS, 0.003, None)
+    metrics.exchange("agent", Backend.LEGACY, "primary", Outcome.CLIENT_CLOSED, None, None)
+    metrics.exchange("agent", Backend.CANDIDATE, "shadow", Outcome.TIMEOUT, 5.0, 0.2)
+    # The enum members and their values are one and the same label set.
+    metrics.count_request("agent", "legacy", "primary", "success")
+    metrics.observe_first_event("agent", "legacy", "primary", 0.004)
+    counts = samples(metrics.registry, "strangler_requests")
+    by_labels = {
+        (labels["backend"], labels["role"], labels["outcome"]): value
+        for (name, pairs), value in counts.items()
+        for labels in [dict(pairs)]
+        if name == "_total" and labels["route"] == "agent"
+    }
+    assert by_labels == {
+        ("legacy", "primary", "success"): 3.0,
+        ("legacy", "primary", "client_closed"): 1.0,
+        ("candidate", "shadow", "timeout"): 1.0,
+    }
+    first = samples(metrics.registry, "strangler_first_event_seconds")
+    legacy = (("backend", "legacy"), ("role", "primary"), ("route", "agent"))
+    candidate = (("backend", "candidate"), ("role", "shadow"), ("route", "agent"))
+    assert first[("_count", legacy)] == 2.0
+    assert first[("_sum", legacy)] == 0.005
+    assert first[("_count", candidate)] == 1.0
+    durations = samples(metrics.registry, "strangler_request_duration_seconds")
+    assert durations[("_count", legacy)] == 2.0
+    assert durations[("_sum", candidate)] == 5.0
+    # A second collection adds nothing: the batch was moved, not copied.
+    assert samples(metrics.registry, "strangler_requests") == counts
