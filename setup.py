@@ -19,6 +19,7 @@ from setuptools.command.build_ext import build_ext
 # on every exchange, and the pure core that reads, normalises and compares events.
 COMPILED = [
     "proxy/server.py",
+    "proxy/context.py",
     "proxy/dispatch.py",
     "proxy/upstream.py",
     "proxy/http_relay.py",

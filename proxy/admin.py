@@ -10,8 +10,10 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy.context import PROXY_KEY, Proxy
+from proxy.context import Proxy
 from proxy.divergence_store import add_divergence_routes
+
+PROXY_KEY = web.AppKey("strangler_proxy", Proxy)
 
 
 def build_admin_app(proxy: Proxy) -> web.Application:

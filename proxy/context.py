@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
-from aiohttp import web
 
 from flags.provider import FlagProvider
 from proxy.metrics import Metrics
@@ -24,30 +22,47 @@ if TYPE_CHECKING:
 class Closable(Protocol):
     """An open WebSocket session, as shutdown sees it."""
 
-    def close(self, *, code: int = ..., message: bytes = ...) -> Awaitable[bool]: ...
+    def close(self, *, code: int, message: bytes) -> Awaitable[bool]: ...
 
 
-@dataclass(eq=False)
 class Proxy:
-    """The running proxy: settings, route table, flags, metrics and upstream pool."""
+    """The running proxy: settings, route table, flags, metrics and upstream pool.
 
-    settings: Settings
-    routes: RouteTable
-    flags: FlagProvider
-    metrics: Metrics
-    session: aiohttp.ClientSession  # WebSocket upstream connections
-    shadow_session: aiohttp.ClientSession  # shadow WebSocket connections: a pool of their own
-    pool: UpstreamPool  # HTTP upstream exchanges
-    backend_urls: dict[Backend, str]
-    shadows: ShadowRunner
-    experiments: dict[str, RouteExperiment]
-    store: DivergenceStore | None
-    websockets: set[Closable] = field(default_factory=set)
-    draining: bool = False
+    A plain class, compiled: the relays read its parts on every exchange, as native
+    attributes. (As a compiled dataclass, its annotations would need the classes that
+    only type checking imports here.)"""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        routes: RouteTable,
+        flags: FlagProvider,
+        metrics: Metrics,
+        session: aiohttp.ClientSession,
+        shadow_session: aiohttp.ClientSession,
+        pool: UpstreamPool,
+        backend_urls: dict[Backend, str],
+        shadows: ShadowRunner,
+        experiments: dict[str, RouteExperiment],
+        store: DivergenceStore | None,
+    ) -> None:
+        self.settings = settings
+        self.routes = routes
+        self.flags = flags
+        self.metrics = metrics
+        self.session = session  # WebSocket upstream connections
+        self.shadow_session = shadow_session  # shadow WebSocket connections: a pool of their own
+        self.pool = pool  # HTTP upstream exchanges
+        self.backend_urls = backend_urls
+        self.shadows = shadows
+        self.experiments = experiments
+        self.store = store
+        self.websockets: set[Closable] = set()
+        self.draining = False
+        # Read on every request: one native attribute, not three lookups into settings.
+        self.max_body_bytes = settings.server.max_body_bytes
 
     @property
     def identity_header(self) -> str:
         return self.settings.identity.header
-
-
-PROXY_KEY = web.AppKey("strangler_proxy", Proxy)

@@ -112,10 +112,10 @@ class _Exchange:
         outcome = Outcome.CLIENT_CLOSED
         try:
             try:
-                body = await request.read_body(proxy.settings.server.max_body_bytes)
+                body = await request.read_body(proxy.max_body_bytes)
             except BodyTooLarge:
                 outcome = Outcome.TOO_LARGE
-                limit = proxy.settings.server.max_body_bytes
+                limit = proxy.max_body_bytes
                 respond_error(
                     request,
                     413,
@@ -365,7 +365,7 @@ def relay_http(
 ) -> Coroutine[Any, Any, None] | None:
     """Relay one exchange: None when it runs by callbacks (``_Direct``), else the
     exchange's coroutine, to be awaited (no frame in between on the per-request path)."""
-    body = request.body_at_hand(proxy.settings.server.max_body_bytes)
+    body = request.body_at_hand(proxy.max_body_bytes)
     exchange = _Direct(request, proxy, route, backend, user_id)
     # Isolation withholds events frame by frame: that stays with the task.
     if body is not None and exchange.user_field is None and exchange.start(body):
