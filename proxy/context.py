@@ -29,8 +29,8 @@ class Proxy:
     """The running proxy: settings, route table, flags, metrics and upstream pool.
 
     A plain class, compiled: the relays read its parts on every exchange, as native
-    attributes. (As a compiled dataclass, its annotations would need the classes that
-    only type checking imports here.)"""
+    attributes. (A compiled dataclass crashed at import: its annotations are built
+    from the classes, and some are imported here for type checking only.)"""
 
     def __init__(
         self,

@@ -1,0 +1,98 @@
+"""Header hygiene on the parsers' raw headers (pure): what reaches each side."""
+
+from __future__ import annotations
+
+from proxy import headers
+from proxy.headers import downstream_response_block, upstream_request_block
+
+
+def lines(block: bytes) -> list[bytes]:
+    return block.split(b"\r\n")[:-1]
+
+
+def test_the_request_keeps_end_to_end_headers_and_loses_the_rest_in_any_case() -> None:
+    block = upstream_request_block(
+        [
+            (b"Host", b"example.test"),
+            (b"X-User-Id", b"u1"),
+            (b"CONNECTION", b"Keep-Alive, X-Secret"),
+            (b"keep-alive", b"timeout=5"),
+            (b"x-secret", b"hop"),
+            (b"X-Strangler-Backend", b"candidate"),
+            (b"x-STRANGLER-shadow", b"1"),
+            (b"Content-Length", b"2"),
+            (b"TE", b"trailers"),
+            (b"X-Forwarded-For", b"10.0.0.1"),
+            (b"Accept", b"*/*"),
+        ],
+        client_ip="127.0.0.1",
+        proto="http",
+        host="example.test",
+    )
+    assert lines(block) == [
+        b"X-User-Id: u1",
+        b"Accept: */*",
+        b"X-Forwarded-For: 10.0.0.1, 127.0.0.1",
+        b"X-Forwarded-Proto: http",
+        b"X-Forwarded-Host: example.test",
+    ]
+
+
+def test_a_connection_header_that_names_x_forwarded_for_drops_the_clients_chain() -> None:
+    block = upstream_request_block(
+        [(b"Connection", b"x-forwarded-for"), (b"X-Forwarded-For", b"10.0.0.1")],
+        client_ip="127.0.0.1",
+        proto="https",
+        host=None,
+    )
+    assert lines(block) == [b"X-Forwarded-For: 127.0.0.1", b"X-Forwarded-Proto: https"]
+
+
+def test_the_websocket_handshake_headers_stay_out_of_the_upstream_request() -> None:
+    raw = [(b"Sec-WebSocket-Key", b"abc"), (b"Upgrade", b"websocket"), (b"Accept", b"*/*")]
+    plain = upstream_request_block(raw, client_ip=None, proto="http", host=None)
+    websocket = upstream_request_block(raw, client_ip=None, proto="http", host=None, websocket=True)
+    assert b"Sec-WebSocket-Key: abc" in lines(plain)
+    assert lines(websocket) == [b"Accept: */*", b"X-Forwarded-Proto: http"]
+
+
+def test_the_response_loses_hop_by_hop_and_proxy_headers_and_gives_its_length_apart() -> None:
+    block, length = downstream_response_block(
+        [
+            (b"Content-Type", b"application/x-ndjson"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"Connection", b"close, X-Debug"),
+            (b"X-Debug", b"1"),
+            (b"x-strangler-backend", b"forged"),
+            (b"Content-Length", b"42"),
+            (b"Host", b"kept: not a hop-by-hop header on a response"),
+        ],
+        "legacy",
+    )
+    assert length == b"42"
+    assert lines(block) == [
+        b"Content-Type: application/x-ndjson",
+        b"Host: kept: not a hop-by-hop header on a response",
+        b"X-Strangler-Backend: legacy",
+    ]
+
+
+def test_header_names_past_the_cache_bound_are_still_cleaned() -> None:
+    # A client chooses its header names: the classification cache stops growing at its
+    # bound, and a name classified without it is cleaned the same.
+    for index in range(headers._KINDS_MAX + 100):
+        upstream_request_block(
+            [(b"X-Filler-%d" % index, b"v")], client_ip=None, proto="http", host=None
+        )
+    assert len(headers._KINDS) <= headers._KINDS_MAX
+    block = upstream_request_block(
+        [
+            (b"X-Strangler-Never-Seen", b"forged"),
+            (b"Proxy-Authorization", b"secret"),
+            (b"X-Never-Seen", b"kept"),
+        ],
+        client_ip=None,
+        proto="http",
+        host=None,
+    )
+    assert lines(block) == [b"X-Never-Seen: kept", b"X-Forwarded-Proto: http"]
