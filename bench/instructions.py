@@ -1,0 +1,183 @@
+"""Instructions the proxy runs per exchange, counted by valgrind's callgrind.
+
+Throughput on a shared machine moves by 10-20 % from one run to the next; the number of
+user-space instructions the proxy runs over a fixed number of exchanges moves by under
+0.5 %. That makes it the ruler for a change of a few percent on the per-request path.
+
+This starts the two bench backends (``bench/backend.py``) and ``strangler run``, routing
+only, as the routing suite configures it, under ``valgrind --tool=callgrind``. For each
+workload it warms the proxy up, zeroes the counters, drives a fixed number of exchanges
+on 10 keep-alive connections (users spread over both backends), dumps the counters and
+prints the instructions per exchange. System calls are counted up to the kernel's door:
+the kernel's own work is not in the figure (see ``perf`` for that). Under valgrind the
+proxy runs about fifty times slower; the count does not depend on it.
+
+Run: ``.venv/bin/python bench/instructions.py [--exchanges 2000] [--workloads json,ndjson]``
+(installs valgrind with apt-get where missing; ``--no-install`` refuses to). The file
+callgrind wrote is kept with ``--keep``: ``callgrind_annotate --inclusive=yes FILE`` says
+where the instructions go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from run import (
+    PYTHON,
+    STRANGLER,
+    WORKLOADS,
+    BenchError,
+    StranglerSetup,
+    Supervisor,
+    flags_document,
+    free_port,
+    http_get_ok,
+    start_backends,
+    strangler_config,
+    wait_until,
+)
+
+CONNECTIONS = 10
+WARMUP = 300
+_TOTALS = re.compile(rb"^(?:summary|totals): (\d+)", re.MULTILINE)
+_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
+
+
+def ensure_valgrind(install: bool) -> None:
+    if shutil.which("valgrind") and shutil.which("callgrind_control"):
+        return
+    if not install:
+        raise BenchError("valgrind is missing (run without --no-install)")
+    environment = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+    command = ["apt-get", "install", "-y", "--no-install-recommends", "valgrind"]
+    if subprocess.run(command, env=environment, timeout=600).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=environment, timeout=600)
+        subprocess.run(command, env=environment, timeout=600, check=True)
+
+
+async def drive(port: int, workload: str, exchanges: int) -> None:
+    """``exchanges`` requests of the workload, on CONNECTIONS keep-alive connections."""
+    spec = WORKLOADS[workload]
+
+    async def one_connection(index: int, count: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for n in range(count):
+                user = f"user-{index}-{n % 37}".encode()
+                if spec["method"] == "POST":
+                    body = b'{"user_id": "%s", "prompt": "hi"}' % user
+                    head = b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nX-User-Id: %s\r\n" % (
+                        spec["path"].encode(),
+                        user,
+                    )
+                    head += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(
+                        body
+                    )
+                    writer.write(head + body)
+                else:
+                    writer.write(
+                        b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nX-User-Id: %s\r\n\r\n"
+                        % (spec["path"].encode(), user)
+                    )
+                response = await reader.readuntil(b"\r\n\r\n")
+                if not response.startswith(b"HTTP/1.1 200 "):
+                    raise BenchError(f"{workload}: {response.splitlines()[0]!r}")
+                length = _LENGTH.search(response)
+                if length is not None:
+                    await reader.readexactly(int(length.group(1)))
+                else:  # chunked: up to the last chunk
+                    await reader.readuntil(b"\r\n0\r\n\r\n")
+        finally:
+            writer.close()
+
+    share, rest = divmod(exchanges, CONNECTIONS)
+    await asyncio.gather(
+        *(one_connection(i, share + (1 if i < rest else 0)) for i in range(CONNECTIONS))
+    )
+
+
+def callgrind_control(pid: int, *args: str) -> None:
+    subprocess.run(
+        ["callgrind_control", *args, str(pid)],
+        check=True,
+        timeout=120,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def count(pid: int, directory: Path, port: int, workload: str, exchanges: int) -> int:
+    """Instructions per exchange of one workload."""
+    asyncio.run(drive(port, workload, WARMUP))
+    callgrind_control(pid, "--zero")
+    asyncio.run(drive(port, workload, exchanges))
+    before = set(directory.glob("callgrind.out.*"))
+    callgrind_control(pid, "--dump", workload)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for dump in set(directory.glob("callgrind.out.*")) - before:
+            totals = _TOTALS.search(dump.read_bytes())
+            if totals is not None:
+                dump.rename(directory / f"callgrind.{workload}.out")
+                return int(totals.group(1)) // exchanges
+        time.sleep(0.2)
+    raise BenchError(f"{workload}: callgrind wrote no dump")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--exchanges", type=int, default=2000)
+    parser.add_argument("--workloads", default="json,ndjson")
+    parser.add_argument("--no-install", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the callgrind files")
+    args = parser.parse_args(argv)
+    workloads = [w for w in args.workloads.split(",") if w]
+    unknown = [w for w in workloads if w not in ("json", "ndjson")]
+    if unknown:
+        parser.error(f"unknown workload(s): {', '.join(unknown)} (json, ndjson)")
+    ensure_valgrind(not args.no_install)
+    directory = Path(tempfile.mkdtemp(prefix="strangler-instructions-"))
+    supervisor = Supervisor(pin=False)
+    try:
+        ports = {"legacy": free_port(), "candidate": free_port()}
+        start_backends(supervisor, directory, ports)
+        port, admin_port = free_port(), free_port()
+        config = directory / "strangler.toml"
+        config.write_text(strangler_config(port, admin_port, ports, StranglerSetup(), directory))
+        (directory / "flags.json").write_text(json.dumps(flags_document(50)))
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={directory / 'callgrind.out'}",
+            *(PYTHON, STRANGLER, "run", "--config", str(config)),
+        ]
+        process = supervisor.start("strangler", command, "proxy", directory / "strangler.log")
+        wait_until(http_get_ok(admin_port, "/readyz"), process, "strangler", timeout=300)
+        print(f"strangler under callgrind, {args.exchanges:,} exchanges a workload")
+        for workload in workloads:
+            per_exchange = count(process.pid, directory, port, workload, args.exchanges)
+            print(f"  {workload:<7} {per_exchange:>9,} instructions per exchange")
+    except BenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        supervisor.stop_all()
+        if args.keep:
+            print(f"callgrind files in {directory}")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
