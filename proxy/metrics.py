@@ -180,9 +180,7 @@ class Metrics:
         counts[outcome] = counts.get(outcome, 0) + 1
 
     def observe_first_event(self, route: str, backend: str, role: str, seconds: float) -> None:
-        batch = self._batch(route, backend, role)
-        batch.first_total += seconds
-        batch.first_buckets[self._bucket(seconds)] += 1
+        self._first_event(self._batch(route, backend, role), seconds)
 
     def exchange(
         self,
@@ -202,8 +200,11 @@ class Metrics:
             batch.duration_total += duration
             batch.duration_buckets[self._bucket(duration)] += 1
         if first_event is not None:
-            batch.first_total += first_event
-            batch.first_buckets[self._bucket(first_event)] += 1
+            self._first_event(batch, first_event)
+
+    def _first_event(self, batch: _Batch, seconds: float) -> None:
+        batch.first_total += seconds
+        batch.first_buckets[self._bucket(seconds)] += 1
 
     def _bucket(self, value: float) -> int:
         """The first bucket whose bound is at or above the value (Prometheus' "le"). Most
