@@ -100,8 +100,7 @@ class _Exchange:
         self.experiment: RouteExperiment | None = (
             proxy.experiments.get(route.name) if route is not None else None
         )
-        settings = route.settings if route is not None else None
-        self.user_field = settings.user_field if settings is not None and user_id else None
+        self.user_field = route.user_field if route is not None and user_id else None
         self.recorder: Recorder | None = None
         self.primary_done: asyncio.Future[Observation] | None = None
         self.first_at: float | None = None  # when the first body bytes came
@@ -403,7 +402,7 @@ class _Direct(_Exchange):
         if connection is None:
             return False
         self.connection = connection
-        request.on_events(self._client_lost, self._client_writable)
+        request.on_events(self)
         if self.experiment is not None and self.experiment.watches:
             self._start_observing(block, body)
         return True
@@ -424,7 +423,7 @@ class _Direct(_Exchange):
                 # The keep-alive race: the exchange goes again, on a new connection, and
                 # what was observed of this try is set aside (compared as ignored).
                 self.connection = None
-                self.request.on_events(None, None)
+                self.request.on_events(None)
                 self._finish_observing(Outcome.CLIENT_CLOSED)
                 retry = _Exchange(request, self.proxy, self.route, backend, None)
                 retry.experiment = None
@@ -481,11 +480,11 @@ class _Direct(_Exchange):
         elif request.write_paused:
             connection.hold()
 
-    def _client_writable(self) -> None:
+    def client_writable(self) -> None:
         if self.connection is not None:
             self.connection.unhold()
 
-    def _client_lost(self) -> None:
+    def client_lost(self) -> None:
         if self.connection is not None:
             self.connection.abandon()
         self._done(Outcome.CLIENT_CLOSED)
@@ -495,7 +494,7 @@ class _Direct(_Exchange):
 
     def _done(self, outcome: Outcome) -> None:
         self.connection = None
-        self.request.on_events(None, None)
+        self.request.on_events(None)
         self._account(outcome)
 
 
@@ -566,7 +565,7 @@ class _Shadow:
         finished = time.perf_counter()
         self.recorder.finish(finished)
         proxy.shadows.report(label, backend, outcome not in _SHADOW_FAILURES)
-        user_field = self.route.settings.user_field
+        user_field = self.route.user_field
         if self.user_id is not None and user_field is not None:
             user_id = self.user_id
             leaked = sum(1 for e in observation.events if not belongs_to(e, user_field, user_id))

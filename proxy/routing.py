@@ -37,13 +37,17 @@ class Route:
     protocol: str
     flag: str
     settings: RouteSettings
+    user_field: str | None = None  # settings.user_field, read per exchange: a native copy
 
 
 class RouteTable:
     """Finds the route of a path; the longest prefix wins (they never overlap anyway)."""
 
     def __init__(self, routes: Sequence[RouteSettings]) -> None:
-        built = [Route(r.name, normalised_prefix(r.path), r.protocol, r.flag, r) for r in routes]
+        built = [
+            Route(r.name, normalised_prefix(r.path), r.protocol, r.flag, r, r.user_field)
+            for r in routes
+        ]
         self.routes: tuple[Route, ...] = tuple(
             sorted(built, key=lambda r: len(r.prefix), reverse=True)
         )

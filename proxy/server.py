@@ -32,7 +32,7 @@ import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
-from typing import Final, cast
+from typing import Final, Protocol, cast
 from urllib.parse import unquote
 
 import httptools
@@ -49,6 +49,15 @@ RawHeaders = list[tuple[bytes, bytes]]
 # awaitable is only for a request it has not answered yet.
 Handler = Callable[["Request"], Awaitable[None] | None]
 Fallback = Callable[[], asyncio.Protocol]
+
+
+class ClientWatcher(Protocol):
+    """What an exchange served by callbacks hears of its client (``Request.on_events``)."""
+
+    def client_lost(self) -> None: ...
+
+    def client_writable(self) -> None: ...
+
 
 MAX_HEAD_BYTES: Final = 64 * 1024
 MAX_HEADERS: Final = 256
@@ -82,7 +91,9 @@ def _reason(status: int) -> str:
         return ""
 
 
-_STATUS_LINES: Final[dict[tuple[int, str], bytes]] = {}
+# Status -> (reason, status line) of the last reason seen with it: keyed by the int alone,
+# which hashes for nothing (a backend sends one reason per status, nearly always).
+_STATUS_LINES: Final[dict[int, tuple[str, bytes]]] = {}
 
 
 def _header_block(headers: Sequence[tuple[str, str]]) -> tuple[bytes, bytes | None]:
@@ -131,10 +142,9 @@ class Request:
         "_head_only",
         "_headers",
         "_limit",
-        "_lost_cb",
         "_remaining",
         "_waiter",
-        "_writable_cb",
+        "_watcher",
         "finished",
         "host",
         "keep_alive",
@@ -183,8 +193,7 @@ class Request:
         self._body_size = 0
         self._body_done = False
         self._bad: str | None = None
-        self._lost_cb: Callable[[], None] | None = None
-        self._writable_cb: Callable[[], None] | None = None
+        self._watcher: ClientWatcher | None = None
         self._limit = -1
         self._waiter: asyncio.Future[None] | None = None
         self._continue = expect_continue
@@ -401,18 +410,16 @@ class Request:
         conn.finished(self)
         return True
 
-    def on_events(
-        self, lost: Callable[[], None] | None, writable: Callable[[], None] | None
-    ) -> None:
-        """For an exchange served by callbacks (the handler returned None): ``lost`` runs
-        if the client goes away before the answer is finished, ``writable`` when its
-        full buffer has drained."""
-        self._lost_cb = lost
-        self._writable_cb = writable
+    def on_events(self, watcher: ClientWatcher | None) -> None:
+        """For an exchange served by callbacks (the handler returned None): the
+        watcher's ``client_lost`` runs if the client goes away before the answer is
+        finished, its ``client_writable`` when the client's full buffer has drained.
+        (One object rather than two bound methods: binding costs more than the call.)"""
+        self._watcher = watcher
 
     def run(self, work: Awaitable[None]) -> None:
         """Go on serving this request as a task (after a handler returned None)."""
-        self._lost_cb = self._writable_cb = None
+        self._watcher = None
         self._conn.run(self, work)
 
     def abort(self) -> None:
@@ -444,14 +451,15 @@ class Request:
             connection = b"Connection: keep-alive\r\n"
         else:
             connection = b""
-        line = _STATUS_LINES.get((status, reason))
+        cached = _STATUS_LINES.get(status)
+        line = cached[1] if cached is not None and cached[0] == reason else None
         if line is None:
             text = f"HTTP/1.1 {status} {reason or _reason(status)}\r\n"
             if text.count("\n") != 1 or text.count("\r") != 1:
                 raise ValueError("a line break in the reason phrase")
             line = text.encode("utf-8", "surrogateescape")
             if len(_STATUS_LINES) < 512:
-                _STATUS_LINES[(status, reason)] = line
+                _STATUS_LINES[status] = (reason, line)
         return b"%b%b%b\r\n" % (line, block, connection)
 
     def raw_head(self) -> bytes:
@@ -587,9 +595,9 @@ class _Connection(asyncio.Protocol):
         if self._task is not None and not self._task.done():
             self._task.cancel()
         active = self._active
-        if active is not None and active._lost_cb is not None:
-            lost, active._lost_cb = active._lost_cb, None
-            lost()
+        if active is not None and active._watcher is not None:
+            watcher, active._watcher = active._watcher, None
+            watcher.client_lost()
         for request in (self._active, *self._queue, self._request):
             if request is not None:
                 request._wake()
@@ -606,8 +614,8 @@ class _Connection(asyncio.Protocol):
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
         active = self._active
-        if active is not None and active._writable_cb is not None:
-            active._writable_cb()
+        if active is not None and active._watcher is not None:
+            active._watcher.client_writable()
 
     # --- parser callbacks -----------------------------------------------------------
 
@@ -824,7 +832,7 @@ class _Connection(asyncio.Protocol):
         """The response to the active request is written."""
         if request is not self._active:
             return
-        request._lost_cb = request._writable_cb = None
+        request._watcher = None
         self._active = None
         self._task = None
         transport = self._transport
@@ -853,7 +861,7 @@ class _Connection(asyncio.Protocol):
     def detach(self, request: Request) -> asyncio.Transport:
         transport = self._transport
         assert transport is not None
-        request._lost_cb = request._writable_cb = None
+        request._watcher = None
         self._active = None
         self._disarm()
         self.lost = True  # for this protocol: the connection is someone else's now
