@@ -37,7 +37,7 @@ class Route:
     protocol: str
     flag: str
     settings: RouteSettings
-    user_field: str | None = None  # settings.user_field, read per exchange: a native copy
+    user_field: str | None  # settings.user_field, read per exchange: a native copy
 
 
 class RouteTable:
