@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -39,6 +38,7 @@ from run import (
     BenchError,
     StranglerSetup,
     Supervisor,
+    ensure_tools,
     flags_document,
     free_port,
     http_get_ok,
@@ -51,18 +51,6 @@ CONNECTIONS = 10
 WARMUP = 300
 _TOTALS = re.compile(rb"^(?:summary|totals): (\d+)", re.MULTILINE)
 _LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
-
-
-def ensure_valgrind(install: bool) -> None:
-    if shutil.which("valgrind") and shutil.which("callgrind_control"):
-        return
-    if not install:
-        raise BenchError("valgrind is missing (run without --no-install)")
-    environment = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
-    command = ["apt-get", "install", "-y", "--no-install-recommends", "valgrind"]
-    if subprocess.run(command, env=environment, timeout=600).returncode != 0:
-        subprocess.run(["apt-get", "update"], env=environment, timeout=600)
-        subprocess.run(command, env=environment, timeout=600, check=True)
 
 
 async def drive(port: int, workload: str, exchanges: int) -> None:
@@ -145,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [w for w in workloads if w not in ("json", "ndjson")]
     if unknown:
         parser.error(f"unknown workload(s): {', '.join(unknown)} (json, ndjson)")
-    ensure_valgrind(not args.no_install)
+    try:
+        ensure_tools(not args.no_install, print, ("valgrind", "callgrind_control"), ("valgrind",))
+    except BenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     directory = Path(tempfile.mkdtemp(prefix="strangler-instructions-"))
     supervisor = Supervisor(pin=False)
     try:

@@ -847,20 +847,26 @@ def measure_quietly(run: Callable[[], Measurement], log: Callable[[str], None]) 
 # ----------------------------------------------------------------------------------------
 
 
-def ensure_tools(install: bool, log: Callable[[str], None]) -> None:
-    missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
+def ensure_tools(
+    install: bool,
+    log: Callable[[str], None],
+    tools: tuple[str, ...] = ("nginx", "wrk"),
+    packages: tuple[str, ...] = ("nginx", "wrk"),
+) -> None:
+    """The commands ``tools`` on the PATH, from the apt ``packages`` where missing."""
+    missing = [tool for tool in tools if shutil.which(tool) is None]
     if not missing:
         return
     if not install:
         raise BenchError(f"missing {', '.join(missing)} (run without --no-install)")
-    command = ["apt-get", "install", "-y", "--no-install-recommends", "nginx", "wrk"]
+    command = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
     environment = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
     log(f"installing {', '.join(missing)} with apt-get")
     quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.STDOUT}
     if subprocess.run(command, env=environment, timeout=600, **quiet).returncode != 0:
         subprocess.run(["apt-get", "update"], env=environment, timeout=600, **quiet)
         subprocess.run(command, env=environment, timeout=600, check=True, **quiet)
-    still = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
+    still = [tool for tool in tools if shutil.which(tool) is None]
     if still:
         raise BenchError(f"apt-get did not provide {', '.join(still)}")
 

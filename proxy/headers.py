@@ -45,6 +45,19 @@ _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "x-forwarded-proto", "x-
 _WEBSOCKET_DROP = _REQUEST_DROP | WEBSOCKET_HANDSHAKE
 
 
+def http_version(parser: Any, keep_alive: bool, connection_named: bool) -> str:
+    """The version of the message an httptools parser just read the head of.
+
+    llhttp keeps an HTTP/1.0 connection alive only when a Connection (or
+    Proxy-Connection) header asks, and accepts no other 1.x above 1.0: alive
+    (``keep_alive``, the parser's verdict) without such a header is HTTP/1.1. That
+    spares ``get_http_version``, which formats a string, on nearly every message."""
+    if keep_alive and not connection_named:
+        return "1.1"
+    version: str = parser.get_http_version()
+    return version
+
+
 def as_text(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     """A parser's raw headers as text: UTF-8, any other byte kept as a surrogate escape
     (as aiohttp decodes them), so that encoding them back gives the same bytes."""

@@ -38,7 +38,7 @@ from urllib.parse import unquote
 import httptools
 import orjson
 
-from proxy.headers import as_text
+from proxy.headers import as_text, http_version
 
 log = logging.getLogger("strangler.server")
 
@@ -669,11 +669,7 @@ class _Connection(asyncio.Protocol):
         if method == "CONNECT":
             raise _Refused(405, "CONNECT is not served here")
         keep_alive = parser.should_keep_alive()
-        # llhttp keeps an HTTP/1.0 connection alive only when a Connection (or
-        # Proxy-Connection) header asks, and accepts no other 1.x above 1.0: alive without
-        # such a header is HTTP/1.1. That spares get_http_version, which formats a string.
-        alive_by_default = keep_alive and not self._named_connection
-        version = "1.1" if alive_by_default else parser.get_http_version()
+        version = http_version(parser, keep_alive, self._named_connection)
         request = Request(
             self,
             method,

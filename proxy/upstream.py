@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from proxy.headers import as_text
+from proxy.headers import as_text, http_version
 
 __all__ = [
     "PoolStats",
@@ -597,11 +597,7 @@ class _Connection(asyncio.Protocol):
                 raise self._violate(f"{self._origin.key} switched protocols")
             self._interim = True  # 100 Continue, 103 Early Hints: the real head follows
             return
-        # llhttp keeps an HTTP/1.0 connection alive only when a Connection (or
-        # Proxy-Connection) header asks, and accepts no other 1.x above 1.0: alive without
-        # such a header is HTTP/1.1. That spares get_http_version, which formats a string.
-        alive_by_default = not self._named_connection and parser.should_keep_alive()
-        version: str = "1.1" if alive_by_default else parser.get_http_version()
+        version = http_version(parser, parser.should_keep_alive(), self._named_connection)
         no_body = self._head_only or status == 204 or status == 304
         self._eof_body = not no_body and not self._has_length and not self._chunked
         if version == "1.1":
