@@ -58,13 +58,29 @@ def http_version(parser: Any, keep_alive: bool, connection_named: bool) -> str:
     return version
 
 
+def from_wire(raw: bytes) -> str:
+    """Bytes from the wire as text: UTF-8, any other byte kept as a surrogate escape (as
+    aiohttp decodes headers), so that ``to_wire(from_wire(raw)) == raw``. Valid UTF-8, nearly
+    every header, takes the strict decoder, which compiled code calls directly; the
+    surrogate-escaping one looks its codec up by name on every call."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "surrogateescape")
+
+
+def to_wire(text: str) -> bytes:
+    """``text`` as the bytes it was decoded from (the inverse of ``from_wire``)."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+
+
 def as_text(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     """A parser's raw headers as text: UTF-8, any other byte kept as a surrogate escape
     (as aiohttp decodes them), so that encoding them back gives the same bytes."""
-    return [
-        (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        for name, value in headers
-    ]
+    return [(from_wire(name), from_wire(value)) for name, value in headers]
 
 
 def _b(names: frozenset[str]) -> frozenset[bytes]:
@@ -218,7 +234,7 @@ def upstream_request_block(
         lines.append(b"X-Forwarded-For: %b\r\n" % b", ".join(forwarded_for))
     lines.append(b"X-Forwarded-Proto: %b\r\n" % proto.encode())
     if host:
-        lines.append(b"X-Forwarded-Host: %b\r\n" % host.encode("utf-8", "surrogateescape"))
+        lines.append(b"X-Forwarded-Host: %b\r\n" % to_wire(host))
     return b"".join(lines)
 
 

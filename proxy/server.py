@@ -38,7 +38,7 @@ from urllib.parse import unquote
 import httptools
 import orjson
 
-from proxy.headers import as_text, http_version
+from proxy.headers import as_text, from_wire, http_version, to_wire
 
 log = logging.getLogger("strangler.server")
 
@@ -64,7 +64,14 @@ MAX_HEADERS: Final = 256
 LINGER_SECONDS: Final = 5.0
 _WRITE_HIGH: Final = 64 * 1024
 _NO_BODY_STATUS: Final = frozenset({204, 304})
-_ENCODING: Final = ("utf-8", "surrogateescape")
+# What a request header's name is to the parser callbacks, as bits (see HttpServer.field).
+_KEY: Final = 1  # the key header (the user id)
+_HOST: Final = 2
+_EXPECT: Final = 4
+_LENGTH: Final = 8  # Content-Length
+_CONNECTION: Final = 16  # Connection or Proxy-Connection (llhttp reads both)
+_UPGRADE: Final = 32
+_FIELDS_MAX: Final = 4096  # header names are the client's to choose: the cache stops growing
 # The parser's method bytes to the str every request carries, without a decode each time.
 _METHODS: Final[dict[bytes, str]] = {
     m.encode(): m
@@ -103,14 +110,14 @@ def _header_block(headers: Sequence[tuple[str, str]]) -> tuple[bytes, bytes | No
     for name, value in headers:
         lower = name.lower()
         if lower == "content-length":
-            length = value.encode("utf-8", "surrogateescape")
+            length = to_wire(value)
         elif lower != "transfer-encoding":
             lines.append(f"{name}: {value}\r\n")
     text = "".join(lines)
     # One line break per line, none inside a name or value.
     if text.count("\n") != len(lines) or text.count("\r") != len(lines):
         raise ValueError("a line break in a header")
-    return text.encode("utf-8", "surrogateescape"), length
+    return to_wire(text), length
 
 
 class _Refused(Exception):
@@ -230,7 +237,7 @@ class Request:
         wanted = name.encode("latin-1")
         for key, value in self.raw_headers:
             if key.lower() == wanted:
-                return value.decode("utf-8", "surrogateescape")
+                return from_wire(value)
         return None
 
     # --- the body -------------------------------------------------------------------
@@ -457,7 +464,7 @@ class Request:
             text = f"HTTP/1.1 {status} {reason or _reason(status)}\r\n"
             if text.count("\n") != 1 or text.count("\r") != 1:
                 raise ValueError("a line break in the reason phrase")
-            line = text.encode("utf-8", "surrogateescape")
+            line = to_wire(text)
             if len(_STATUS_LINES) < 512:
                 _STATUS_LINES[status] = (reason, line)
         return b"%b%b%b\r\n" % (line, block, connection)
@@ -465,7 +472,7 @@ class Request:
     def raw_head(self) -> bytes:
         """The request head as it came (names and values as sent)."""
         lines = [f"{self.method} {self.target} HTTP/{self.version}\r\n"]
-        head = "".join(lines).encode(*_ENCODING)
+        head = to_wire("".join(lines))
         return head + b"".join([b"%b: %b\r\n" % pair for pair in self.raw_headers]) + b"\r\n"
 
 
@@ -478,16 +485,16 @@ class _Connection(asyncio.Protocol):
         "_drain",
         "_eof",
         "_expect",
+        "_fields",
         "_head_fed",
         "_headers",
         "_host",
         "_idle_since",
         "_in_head",
         "_key",
-        "_key_name",
-        "_key_size",
         "_length",
         "_named_connection",
+        "_named_upgrade",
         "_parser",
         "_queue",
         "_read_size",
@@ -519,9 +526,9 @@ class _Connection(asyncio.Protocol):
         self._expect = False
         self._length = -1
         self._named_connection = False
+        self._named_upgrade = False
         self._key: str | None = None
-        self._key_name = server.key_header
-        self._key_size = len(server.key_header) if server.key_header else -1
+        self._fields = server.fields
         self._read_size = 0
         self._idle_since = self.loop.time()
         self._request: Request | None = None  # being parsed
@@ -638,19 +645,25 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._url:
             return  # a chunked body's trailer field: not relayed, never a header
-        size = len(name)
-        # The length test keeps lower() off most headers.
-        if size == self._key_size and name.lower() == self._key_name and self._key is None:
-            self._key = value.decode("utf-8", "surrogateescape")
-        if size == 4 and name.lower() == b"host":
-            if self._host is None:
-                self._host = value.decode("utf-8", "surrogateescape")
-        elif size == 6 and name.lower() == b"expect":
-            self._expect = value.strip().lower() == b"100-continue"
-        elif size == 14 and name.lower() == b"content-length" and value.isdigit():
-            self._length = int(value)
-        elif (size == 10 or size == 16) and name.lower().endswith(b"connection"):
-            self._named_connection = True  # Connection or Proxy-Connection (llhttp reads both)
+        # One lookup per name, instead of lower() (a method call) on each.
+        kind = self._fields.get(name)
+        if kind is None:
+            kind = self._server.field(name)
+        if kind:
+            if kind & _KEY and self._key is None:
+                self._key = from_wire(value)
+            if kind & _HOST:
+                if self._host is None:
+                    self._host = from_wire(value)
+            elif kind & _EXPECT:
+                self._expect = value.strip().lower() == b"100-continue"
+            elif kind & _LENGTH:
+                if value.isdigit():
+                    self._length = int(value)
+            elif kind & _CONNECTION:
+                self._named_connection = True
+            elif kind & _UPGRADE:
+                self._named_upgrade = True
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -673,7 +686,7 @@ class _Connection(asyncio.Protocol):
         request = Request(
             self,
             method,
-            url.decode(*_ENCODING),
+            from_wire(url),
             version,
             headers,
             keep_alive,
@@ -690,7 +703,10 @@ class _Connection(asyncio.Protocol):
         self._expect = False
         self._length = -1
         self._named_connection = False
-        request.upgrade = parser.should_upgrade()
+        # llhttp upgrades a request (CONNECT aside, refused above) only on an Upgrade
+        # header: without one, no call to ask.
+        request.upgrade = self._named_upgrade and parser.should_upgrade()
+        self._named_upgrade = False
         if self.closing:
             # The connection ends after the answer under way (an early 413, shutdown):
             # a request behind it is read past, never served.
@@ -998,6 +1014,8 @@ class HttpServer:
         (the user id, for a proxy that routes by it), picked up while parsing."""
         self.handler = handler
         self.key_header = key_header.lower().encode("latin-1") if key_header else b""
+        # Request header name, as spelt -> what it is to the parser callbacks (_KEY...).
+        self.fields: dict[bytes, int] = {}
         self.fallback = fallback
         self.keepalive_timeout = keepalive_timeout
         self.loop = asyncio.get_running_loop()
@@ -1009,6 +1027,26 @@ class HttpServer:
 
     def __call__(self) -> _Connection:
         return _Connection(self)
+
+    def field(self, name: bytes) -> int:
+        """What a request header's name is to the parser callbacks (see ``fields``)."""
+        lower = name.lower()
+        kind = 0
+        if lower == self.key_header:
+            kind |= _KEY
+        if lower == b"host":
+            kind |= _HOST
+        elif lower == b"expect":
+            kind |= _EXPECT
+        elif lower == b"content-length":
+            kind |= _LENGTH
+        elif lower == b"connection" or lower == b"proxy-connection":
+            kind |= _CONNECTION
+        elif lower == b"upgrade":
+            kind |= _UPGRADE
+        if len(self.fields) < _FIELDS_MAX:
+            self.fields[name] = kind
+        return kind
 
     async def start(self, sock: socket.socket) -> None:
         self._server = await self.loop.create_server(self, sock=sock, backlog=1024)

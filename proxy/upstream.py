@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from proxy.headers import as_text, http_version
+from proxy.headers import as_text, from_wire, http_version, to_wire
 
 __all__ = [
     "PoolStats",
@@ -144,7 +144,7 @@ def _block_request_head(
     if " " in target or " " in method or "\n" in target or "\r" in target:
         raise ValueError(f"invalid request line {method!r} {target!r}")
     length = b"Content-Length: %d\r\n" % len(body) if body or method in _BODY_METHODS else b""
-    line = f"{method} {target} HTTP/1.1\r\n{origin.host_line}".encode("utf-8", "surrogateescape")
+    line = to_wire(f"{method} {target} HTTP/1.1\r\n{origin.host_line}")
     return b"%b%b%b\r\n" % (line, block, length)
 
 
@@ -198,7 +198,7 @@ def _request_head(
     parts.append("\r\n")
     # surrogateescape gives back the exact bytes aiohttp's parser decoded the client's
     # headers and path from, so non-UTF-8 bytes are relayed verbatim.
-    return "".join(parts).encode("utf-8", "surrogateescape"), close
+    return to_wire("".join(parts)), close
 
 
 class Sink(Protocol):
@@ -271,12 +271,20 @@ class UpstreamResponse:
         while True:
             chunks = conn._chunks
             if chunks:
-                if len(chunks) > 1 and conn._buffered <= _JOIN_BELOW:
+                if len(chunks) == 1:
+                    data = chunks.pop()
+                elif conn._buffered <= _JOIN_BELOW:
                     # Small pieces go out as one: fewer, larger writes downstream.
                     data = b"".join(chunks)
                     chunks.clear()
                 else:
-                    data = chunks.popleft()
+                    # As many pieces as make _JOIN_BELOW (at least one).
+                    count, size = 1, len(chunks[0])
+                    while count < len(chunks) and size + len(chunks[count]) <= _JOIN_BELOW:
+                        size += len(chunks[count])
+                        count += 1
+                    data = chunks[0] if count == 1 else b"".join(chunks[:count])
+                    del chunks[:count]
                 conn._buffered -= len(data)
                 if conn._paused and conn._buffered <= _LOW_WATER:
                     conn._resume()
@@ -435,7 +443,9 @@ class _Connection(asyncio.Protocol):
         self._lost: asyncio.Future[None] | None = None
         self._parser: Any = None
         self._parser_clean = False  # at the start of a message: reusable
-        self._chunks: deque[bytes] = deque()
+        # The body bytes not read yet. A list: a deque's append is a method call, a
+        # list's is not (compiled), and one read rarely leaves more than a few pieces.
+        self._chunks: list[bytes] = []
         self._buffered = 0
         self._paused = False
         self._exc: UpstreamError | None = None
@@ -573,7 +583,8 @@ class _Connection(asyncio.Protocol):
         self._head_size += len(name) + len(value) + 4
         self._headers.append((name, value))
         size = len(name)
-        # The length test keeps lower() off the common headers.
+        # The length test keeps lower() off the common headers, and the two usual
+        # spellings of the framing headers keep it off those.
         if size == 10 and name.lower() == b"connection":
             tokens = {token.strip() for token in value.lower().split(b",")}
             self._said_close = self._said_close or b"close" in tokens
@@ -581,11 +592,21 @@ class _Connection(asyncio.Protocol):
             self._named_connection = True
         elif size == 16 and name.lower() == b"proxy-connection":
             self._named_connection = True  # llhttp reads it as Connection
-        elif size == 14 and name.lower() == b"content-length":
+        elif size == 14 and (
+            name == b"content-length"
+            or name == b"Content-Length"
+            or name.lower() == b"content-length"
+        ):
             self._has_length = True
-        elif size == 17 and name.lower() == b"transfer-encoding":
+        elif size == 17 and (
+            name == b"transfer-encoding"
+            or name == b"Transfer-Encoding"
+            or name.lower() == b"transfer-encoding"
+        ):
             # llhttp frames by chunks only when chunked is the final coding.
-            self._chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+            self._chunked = (
+                value == b"chunked" or value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+            )
 
     def on_headers_complete(self) -> None:
         if self._head_size + len(self._reason) > self._pool._max_head_bytes:
@@ -609,7 +630,7 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = keep_alive and not self._eof_body and not self._close_requested
         self._response = UpstreamResponse(
             status,
-            self._reason.decode("utf-8", "surrogateescape"),
+            from_wire(self._reason),
             version,
             self._headers,
             self,

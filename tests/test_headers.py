@@ -101,3 +101,16 @@ def test_header_names_past_the_cache_bound_are_still_cleaned() -> None:
         ]
     )
     assert got == [b"X-Never-Seen: kept", b"X-Forwarded-Proto: http"]
+
+
+# --- wire text ------------------------------------------------------------------------
+
+
+def test_wire_text_is_utf_8_with_any_other_byte_kept_and_given_back() -> None:
+    for raw in (b"user-1", "Zoë 🚀".encode(), b"\xff\xfe latin \xe9", b"\xed\xa0\x80", b""):
+        text = headers.from_wire(raw)
+        assert text == raw.decode("utf-8", "surrogateescape")
+        assert headers.to_wire(text) == raw
+    assert headers.from_wire("Zoë".encode()) == "Zoë"
+    # Text that did not come from bytes still encodes as UTF-8.
+    assert headers.to_wire("Zoë") == "Zoë".encode()

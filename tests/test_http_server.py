@@ -12,12 +12,14 @@ import asyncio
 import base64
 import hashlib
 import re
+import socket
 import struct
 from pathlib import Path
 
 import pytest
 
 from proxy.app import ProxyServer
+from proxy.server import HttpServer, Request
 from tests.raw_http import (
     STREAM_PARTS,
     Backend,
@@ -336,6 +338,50 @@ async def test_an_h2c_upgrade_is_answered_as_plain_http_1_1_without_the_upgrade(
     assert backend.paths == ["/echo/h2c", "/echo/next"]
     assert "Upgrade" not in backend.seen[0].headers
     assert "HTTP2-Settings" not in backend.seen[0].headers
+
+
+async def test_the_listener_reads_the_fields_it_acts_on_in_any_spelling() -> None:
+    # The key header, Host, Content-Length and Upgrade are each classified once per
+    # spelling (and past the cache's bound, each time): the spelling never matters.
+    seen: list[tuple[str | None, str | None, int, bytes, bool]] = []
+
+    async def handler(request: Request) -> None:
+        body = await request.read_body(1024)
+        seen.append((request.key, request.host, request.length, body, request.upgrade))
+        request.respond(200, "OK", [], b"")
+
+    server = HttpServer(handler, asyncio.Protocol, key_header="X-User-Id")
+    for i in range(5000):  # past the bound of the name cache
+        server.field(b"X-Filler-%d" % i)
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    await server.start(sock)
+    spellings = [
+        ("X-User-Id", "Host", "Content-Length"),
+        ("x-user-id", "host", "content-length"),
+        ("X-USER-ID", "HOST", "CONTENT-LENGTH"),
+        ("x-UsEr-iD", "hOsT", "cOnTeNt-LeNgTh"),
+    ]
+    try:
+        reader, writer = await bounded(asyncio.open_connection("127.0.0.1", port))
+        for n, (key, host, length) in enumerate(spellings):
+            writer.write(
+                f"POST /{n} HTTP/1.1\r\n{host}: h{n}.test\r\n{key}: user-{n}\r\n"
+                f"X-Filler-{n}: x\r\n{length}: 4\r\n\r\nbody".encode()
+            )
+            assert (await bounded(reader.readuntil(b"\r\n\r\n"))).startswith(b"HTTP/1.1 200")
+        # An Upgrade header in any spelling is an upgrade request to llhttp, and to us.
+        writer.write(
+            b"GET /up HTTP/1.1\r\nHost: u.test\r\nuPgRaDe: websocket\r\nCONNECTION: UPGRADE\r\n\r\n"
+        )
+        await bounded(reader.read(1))
+        writer.close()
+    finally:
+        await server.shutdown(1.0)
+        sock.close()
+    assert seen[:4] == [(f"user-{n}", f"h{n}.test", 4, b"body", False) for n in range(4)]
+    assert seen[4][4] is True
+    assert len(server.fields) == 4096
 
 
 # --- WebSocket -------------------------------------------------------------------------

@@ -817,6 +817,37 @@ async def test_a_reader_that_does_not_read_holds_back_a_64_mib_body() -> None:
         await pool.close()
 
 
+async def test_a_lagging_reader_gets_many_small_pieces_joined_up_to_64_kib() -> None:
+    # 2,000 chunks of 100 bytes (200 kB, under the high-water mark) arrive before the
+    # first read: the reader gets them in order, joined into pieces of at most 64 KiB
+    # (four), and nothing twice.
+    pieces = [b"%04d" % i + b"." * 96 for i in range(2000)]
+    body = b"".join(pieces)
+    written = asyncio.Event()
+
+    async def chunky(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(framed + b"0\r\n\r\n")
+        await writer.drain()
+        written.set()
+        await reader.read()
+
+    async with Backend(chunky) as backend:
+        pool = UpstreamPool()
+        response = await pool.request(backend.origin, "GET", "/", [])
+        await asyncio.wait_for(written.wait(), 2)
+        await eventually(lambda: response.buffered == len(body))
+        reads = []
+        while chunk := await response.read_chunk():
+            reads.append(chunk)
+        assert b"".join(reads) == body
+        assert len(reads) == 4
+        assert max(map(len, reads)) <= 64 * 1024
+        await pool.close()
+
+
 class TakingSink:
     """A sink as the relays are one: it takes every byte it is woken for."""
 
