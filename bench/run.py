@@ -14,9 +14,12 @@ so that no idle proxy shares the CPUs.
 through each path: ``direct`` (the load generators talk to the backends themselves, the
 load shared between both as the proxies share it, so that the direct path has the same
 backend capacity), ``nginx`` (``split_clients`` on ``$http_x_user_id``,
-``worker_processes auto``), and ``strangler`` started as
-``strangler run --config`` with a 50 % ``flexibleRollout`` (default ``[server] workers``, and
-``workers = 2`` when the key is supported). HTTP runs use 50 connections over 2 wrk threads
+``worker_processes auto``: one worker per CPU), ``nginx-w1`` (the same with
+``worker_processes 1``), and ``strangler`` started as ``strangler run --config`` with a
+50 % ``flexibleRollout``, with ``[server] workers = 1`` and ``2``. Each strangler run is
+compared with the nginx that runs as many worker processes (``nginx_peers``): on a machine
+the load generator and the backends share, a proxy with more processes gets more of the
+scheduler's time, whatever each process costs. HTTP runs use 50 connections over 2 wrk threads
 for a fixed duration, then one connection for latency at one client; every request carries
 its own ``X-User-Id``. WebSocket runs use 200 sessions, then one.
 
@@ -87,7 +90,7 @@ FLAG = "ssot-dispatcher"
 # A loaded run during which unrelated processes used more than this (percent of one core)
 # is repeated once.
 NOISY_PERCENT = 25.0
-ALL_PATHS = ("direct", "nginx", "nginx-plain", "minimal", "strangler")
+ALL_PATHS = ("direct", "nginx-w1", "nginx", "nginx-plain", "minimal", "strangler")
 SUITES = ("routing", "shadow")
 SHADOW_WORKLOADS = ("json", "ndjson")
 
@@ -910,6 +913,7 @@ def backend_stats(ports: dict[str, int]) -> dict[str, float]:
 
 
 _NGINX_TUNED = {
+    "WORKERS": "auto",
     "CLIENT_KEEPALIVE": "keepalive_requests 1000000;",
     "UPSTREAM_KEEPALIVE": "keepalive 256;\n        keepalive_requests 1000000;",
     "UPSTREAM_HTTP_VERSION": "1.1",
@@ -930,6 +934,7 @@ _NGINX_MIRROR_LOCATION = """
         }"""
 NGINX_TUNING = {
     "nginx": _NGINX_TUNED,
+    "nginx-w1": _NGINX_TUNED | {"WORKERS": "1"},
     "nginx-plain": _NGINX_TUNED
     | {"CLIENT_KEEPALIVE": "", "UPSTREAM_KEEPALIVE": "", "UPSTREAM_HTTP_VERSION": "1.0"},
     "nginx-mirror": _NGINX_TUNED
@@ -1800,6 +1805,19 @@ def find(measurements: list[Measurement], workload: str, path: str) -> Measureme
     return next((m for m in measurements if m.workload == workload and m.path == path), None)
 
 
+def nginx_peers(paths: list[PathInfo]) -> dict[str, str]:
+    """Each strangler path's nginx to compare with: the one running as many worker
+    processes (``nginx-w1`` for one worker, ``nginx``'s ``auto`` for one per CPU), else
+    ``nginx``. A proxy is measured against its peer with the same processes, so that
+    neither wins by having more of the CPU scheduler's share on a shared machine."""
+    nginx = {info.processes: info.key for info in paths if info.key in ("nginx", "nginx-w1")}
+    return {
+        info.key: nginx.get(info.workers, "nginx")
+        for info in paths
+        if info.key.startswith("strangler")
+    }
+
+
 def ratio(numerator: Measurement | None, denominator: Measurement | None) -> float | None:
     if numerator is None or denominator is None or not denominator.rate:
         return None
@@ -1807,17 +1825,17 @@ def ratio(numerator: Measurement | None, denominator: Measurement | None) -> flo
 
 
 def evaluate_targets(
-    measurements: list[Measurement], strangler_keys: list[str]
+    measurements: list[Measurement], strangler_keys: list[str], peers: dict[str, str]
 ) -> list[dict[str, Any]]:
     rows = []
     for key, workload, description, threshold in TARGETS:
         direct = find(measurements, workload, "direct")
-        nginx = find(measurements, workload, "nginx")
         for path in strangler_keys:
             strangler = find(measurements, workload, path)
+            against = peers.get(path, "nginx") if key.endswith("_vs_nginx") else "direct"
             value: float | None
             if key.endswith("_vs_nginx"):
-                value = ratio(strangler, nginx)
+                value = ratio(strangler, find(measurements, workload, against))
                 met = value is not None and value >= threshold
             elif key.endswith("_vs_direct"):
                 value = ratio(strangler, direct)
@@ -1835,6 +1853,7 @@ def evaluate_targets(
                         "target": key,
                         "description": description,
                         "path": path,
+                        "against": against,
                         "threshold": threshold,
                         "value": value,
                         "met": met,
@@ -1843,19 +1862,21 @@ def evaluate_targets(
     return rows
 
 
-def comparisons(measurements: list[Measurement]) -> list[dict[str, Any]]:
-    """Per workload and proxied path: throughput ratios and added one-client p50."""
+def comparisons(measurements: list[Measurement], peers: dict[str, str]) -> list[dict[str, Any]]:
+    """Per workload and proxied path: throughput ratios (strangler against the nginx
+    with as many workers, ``nginx_against``) and added one-client p50."""
     rows = []
     for m in measurements:
         if m.path == "direct":
             continue
         direct = find(measurements, m.workload, "direct")
-        nginx = find(measurements, m.workload, "nginx")
+        peer = peers.get(m.path)
         rows.append(
             {
                 "workload": m.workload,
                 "path": m.path,
-                "vs_nginx": ratio(m, nginx) if m.path != "nginx" else None,
+                "nginx_against": peer,
+                "vs_nginx": ratio(m, find(measurements, m.workload, peer)) if peer else None,
                 "vs_direct": ratio(m, direct),
                 "added_p50_one_client_ms": (
                     m.p50_one_client_ms - direct.p50_one_client_ms if direct else None
@@ -1879,6 +1900,7 @@ def markdown_report(
     paths: list[PathInfo],
     measurements: list[Measurement],
     targets: list[dict[str, Any]],
+    peers: dict[str, str],
 ) -> str:
     labels = {info.key: info.label for info in paths}
     skipped = [info for info in paths if not info.available]
@@ -1888,7 +1910,9 @@ def markdown_report(
         "",
         f"{meta['machine']}; {meta['nginx']}"
         + (
-            f" ({meta['nginx_workers']} workers, `worker_processes auto`)"
+            f" (`worker_processes auto`: {meta['nginx_workers']} workers"
+            + ("; and `worker_processes 1`" if "nginx-w1" in labels else "")
+            + ")"
             if meta["nginx_workers"]
             else ""
         )
@@ -1907,17 +1931,18 @@ def markdown_report(
             else ""
         ),
         "",
-        "| workload | path | throughput | p50 | p99 | p50 at 1 client | vs nginx | vs direct |",
+        "| workload | path | throughput | p50 | p99 | p50 at 1 client "
+        "| vs nginx, as many workers | vs direct |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for workload in settings.workloads:
         direct = find(measurements, workload, "direct")
-        nginx = find(measurements, workload, "nginx")
         for info in paths:
             m = find(measurements, workload, info.key)
             if m is None:
                 continue
-            versus_nginx = ratio(m, nginx) if info.key not in ("direct", "nginx") else None
+            peer = peers.get(info.key)
+            versus_nginx = ratio(m, find(measurements, workload, peer)) if peer else None
             versus_direct = ratio(m, direct) if info.key != "direct" else None
             out.append(
                 f"| {workload} | {labels[m.path]} | {fmt_rate(m.rate)} {m.unit} "
@@ -1972,8 +1997,8 @@ def markdown_report(
             "",
             "### Targets",
             "",
-            "| target | path | measured | met |",
-            "| --- | --- | ---: | --- |",
+            "| target | path | against | measured | met |",
+            "| --- | --- | --- | ---: | --- |",
         ]
         for row in targets:
             measured = (
@@ -1982,7 +2007,8 @@ def markdown_report(
                 else f"{row['value']:.2f}"
             )
             out.append(
-                f"| {row['description']} | {labels[row['path']]} | {measured} "
+                f"| {row['description']} | {labels[row['path']]} "
+                f"| {labels.get(row['against'], row['against'])} | {measured} "
                 f"| {'yes' if row['met'] else '**no**'} |"
             )
     notes = [info for info in paths if info.notes]
@@ -2021,8 +2047,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--pin", action="store_true", help="proxy on CPU 1, the rest on CPU 0")
     parser.add_argument(
         "--paths",
-        default="direct,nginx,strangler",
-        help="comma list of direct, nginx, strangler; references: nginx-plain (nginx "
+        default="direct,nginx-w1,nginx,strangler",
+        help="comma list of direct, nginx (one worker per CPU), nginx-w1 (one worker), "
+        "strangler; references: nginx-plain (nginx "
         "defaults: no upstream keep-alive), minimal (bench/minimal_proxy.py, a bare aiohttp "
         "proxy); 'all' for every one",
     )
@@ -2122,6 +2149,7 @@ def plan_paths(settings: Settings) -> list[PathInfo]:
     labels = {
         "direct": "direct",
         "nginx": "nginx ({workers} workers)",
+        "nginx-w1": "nginx ({workers} worker)",
         "nginx-plain": "nginx, no upstream keep-alive ({workers} workers)",
         "minimal": "minimal aiohttp proxy",
     }
@@ -2228,7 +2256,7 @@ def run_routing_rounds(
                 continue
             try:
                 ports, proxy = open_path(info, supervisor, workdir, backend_ports, problem)
-                if info.key in NGINX_TUNING:
+                if info.key == "nginx":
                     meta["nginx_workers"] = info.processes
                 groups = {"backends": backends} | ({"proxy": [proxy]} if proxy else {})
                 log(f"{info.label}: ports {ports}, split {info.split}")
@@ -2298,12 +2326,13 @@ def main(argv: list[str] | None = None) -> int:
     paths, measurements, rounds, shadow = run_all(settings, meta, log)
 
     strangler_keys = [i.key for i in paths if i.key.startswith("strangler") and i.available]
-    targets = evaluate_targets(measurements, strangler_keys)
+    peers = nginx_peers(paths)
+    targets = evaluate_targets(measurements, strangler_keys, peers)
     shadow_targets = evaluate_shadow_targets(settings, shadow) if shadow is not None else []
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     parts = []
     if "routing" in settings.suites:
-        parts.append(markdown_report(settings, meta, paths, measurements, targets))
+        parts.append(markdown_report(settings, meta, paths, measurements, targets, peers))
     if shadow is not None:
         parts.append(shadow_report(settings, meta, shadow, measurements, paths, shadow_targets))
     report = "\n".join(parts)
@@ -2315,7 +2344,7 @@ def main(argv: list[str] | None = None) -> int:
         "paths": [asdict(info) for info in paths],
         "measurements": [asdict(m) for m in measurements],
         "rounds": [asdict(m) for m in rounds],
-        "comparisons": comparisons(measurements),
+        "comparisons": comparisons(measurements, peers),
         "targets": targets,
         "shadow": shadow_document(shadow, shadow_targets) if shadow is not None else None,
     }
