@@ -128,6 +128,7 @@ _BYTES: Final = _Spelling(
     _b(_REQUEST_DROP),
     _b(_WEBSOCKET_DROP),
 )
+_PROTO_LINES: Final = {p: b"X-Forwarded-Proto: %b\r\n" % p.encode() for p in ("http", "https")}
 # Header name (as spelt, str or bytes) -> its kind bits.
 _KINDS: Final[dict[Any, int]] = {}
 
@@ -232,7 +233,10 @@ def upstream_request_block(
         forwarded_for.append(client_ip.encode())
     if forwarded_for:
         lines.append(b"X-Forwarded-For: %b\r\n" % b", ".join(forwarded_for))
-    lines.append(b"X-Forwarded-Proto: %b\r\n" % proto.encode())
+    proto_line = _PROTO_LINES.get(proto)
+    lines.append(
+        b"X-Forwarded-Proto: %b\r\n" % proto.encode() if proto_line is None else proto_line
+    )
     if host:
         lines.append(b"X-Forwarded-Host: %b\r\n" % to_wire(host))
     return b"".join(lines)

@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections.abc import Coroutine, Sequence
+from time import perf_counter
 from typing import Any, Final
 
 import orjson
@@ -96,7 +96,7 @@ class _Exchange:
         self.label = route.name if route is not None else UNROUTED
         self.backend = backend
         self.user_id = user_id
-        self.started = time.perf_counter()
+        self.started = perf_counter()
         self.experiment: RouteExperiment | None = (
             proxy.experiments.get(route.name) if route is not None else None
         )
@@ -146,7 +146,7 @@ class _Exchange:
             self.backend,
             "primary",
             outcome,
-            time.perf_counter() - started if timed else None,
+            perf_counter() - started if timed else None,
             None if first is None else first - started,
         )
         self._finish_observing(outcome)
@@ -201,7 +201,7 @@ class _Exchange:
         recorder, experiment = self.recorder, self.experiment
         if recorder is None or experiment is None:
             return
-        observation = recorder.finish(time.perf_counter())
+        observation = recorder.finish(perf_counter())
         observation.cancelled = outcome is Outcome.CLIENT_CLOSED
         if outcome in (Outcome.UNREACHABLE, Outcome.TIMEOUT, Outcome.BROKEN):
             observation.error = observation.error or outcome.value
@@ -268,7 +268,7 @@ class _Exchange:
                 except UpstreamError as broken:
                     return self._fail(502, "backend_error", str(broken), Outcome.BROKEN)
                 payload = parts[0] if len(parts) == 1 else b"".join(parts)
-                now = time.perf_counter()
+                now = perf_counter()
                 self.first_at = now
                 if framed:
                     whole = NdjsonFramer() if protocol == "ndjson" else SseFramer()
@@ -289,7 +289,7 @@ class _Exchange:
                 request.respond_block(upstream.status, upstream.reason, block, payload, length)
                 return outcome
             first = await upstream.read_chunk() if upstream.buffered else b""
-            now = time.perf_counter()
+            now = perf_counter()
             if first:
                 self.first_at = now
             framer = (NdjsonFramer() if protocol == "ndjson" else SseFramer()) if framed else None
@@ -307,7 +307,7 @@ class _Exchange:
                 request.start_block(upstream.status, upstream.reason, block, length, first)
             try:
                 async for chunk in upstream:
-                    now = time.perf_counter()
+                    now = perf_counter()
                     if self.first_at is None:
                         self.first_at = now
                     if framer is not None:
@@ -317,7 +317,7 @@ class _Exchange:
                         recorder.feed(chunk, now)
                     await request.write(chunk)
                 if framer is not None:
-                    await self._relay_frames(framer.close(), time.perf_counter())
+                    await self._relay_frames(framer.close(), perf_counter())
             except UpstreamError as broken:
                 # The status line is gone already: the only honest signal left is to cut
                 # the client's connection so it cannot mistake a truncated body for whole.
@@ -329,7 +329,7 @@ class _Exchange:
                     recorder.observation.error = str(broken)
                 return Outcome.BROKEN
             if self.first_at is None:
-                self.first_at = time.perf_counter()
+                self.first_at = perf_counter()
             await request.finish()
         return outcome
 
@@ -450,7 +450,7 @@ class _Direct(_Exchange):
                     recorder.observation.error = str(exc)
                 self._done(Outcome.BROKEN)
             return
-        now = time.perf_counter()
+        now = perf_counter()
         if self.response is None:
             self.response = response
             if recorder is not None:
@@ -529,7 +529,7 @@ class _Shadow:
         self.backend = backend
         self.primary_done = primary_done
         self.request = request  # method, target, header block, body
-        self.started = time.perf_counter()
+        self.started = perf_counter()
         self.observation = Observation(backend, "shadow", self.started)
         self.recorder = Recorder(self.observation, route.protocol, route.settings.event_type_field)
         self.outcome = Outcome.SUCCESS
@@ -562,7 +562,7 @@ class _Shadow:
         """The shadow exchange is over: its count and times, the breaker, leaks."""
         proxy, label, backend = self.proxy, self.route.name, self.backend
         observation = self.observation
-        finished = time.perf_counter()
+        finished = perf_counter()
         self.recorder.finish(finished)
         proxy.shadows.report(label, backend, outcome not in _SHADOW_FAILURES)
         user_field = self.route.user_field
@@ -592,7 +592,7 @@ class _Shadow:
                 self._begin(upstream.status)
                 async with upstream:
                     async for chunk in upstream:
-                        self.recorder.feed(chunk, time.perf_counter())
+                        self.recorder.feed(chunk, perf_counter())
             outcome = self.outcome
         except TimeoutError:
             outcome = self._timed_out()
@@ -649,7 +649,7 @@ class _Shadow:
         if not self.responded:
             self._begin(response.status)
         if data:
-            self.recorder.feed(data, time.perf_counter())
+            self.recorder.feed(data, perf_counter())
         if response.complete:
             response.release()
             self.connection = None

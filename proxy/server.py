@@ -101,6 +101,9 @@ def _reason(status: int) -> str:
 # Status -> (reason, status line) of the last reason seen with it: keyed by the int alone,
 # which hashes for nothing (a backend sends one reason per status, nearly always).
 _STATUS_LINES: Final[dict[int, tuple[str, bytes]]] = {}
+# Body length -> its Content-Length line, for the lengths most answers have.
+_LENGTH_LINES: Final[dict[int, bytes]] = {}
+_LENGTH_LINES_MAX: Final = 4096
 
 
 def _header_block(headers: Sequence[tuple[str, str]]) -> tuple[bytes, bytes | None]:
@@ -316,14 +319,17 @@ class Request:
         no_body = status in _NO_BODY_STATUS or status < 200 or self._head_only
         if no_body:
             framing = b"" if length is None else b"Content-Length: %b\r\n" % length
+            body = b""
         else:
-            framing = b"Content-Length: %d\r\n" % len(body)
-        head = self._head(status, reason, block + framing)
+            size = len(body)
+            line = _LENGTH_LINES.get(size)
+            if line is None:
+                line = b"Content-Length: %d\r\n" % size
+                if len(_LENGTH_LINES) < _LENGTH_LINES_MAX:
+                    _LENGTH_LINES[size] = line
+            framing = line
         conn = self._conn
-        if body and not no_body:
-            conn.write(head + body)
-        else:
-            conn.write(head)
+        conn.write(self._head(status, reason, block, framing, body))
         self.finished = True
         conn.finished(self)
 
@@ -360,11 +366,8 @@ class Request:
             self._framing = 2
             self.keep_alive = False
             framing = b""
-        head = self._head(status, reason, block + framing)
-        if body and not no_body:
-            self._conn.write(head + self._frame(body))
-        else:
-            self._conn.write(head)
+        data = self._frame(body) if body and not no_body else b""
+        self._conn.write(self._head(status, reason, block, framing, data))
 
     def _frame(self, data: bytes) -> bytes:
         framing = self._framing
@@ -448,7 +451,9 @@ class Request:
         self.started = self.finished = True
         self._conn.hand_off(self)
 
-    def _head(self, status: int, reason: str, block: bytes) -> bytes:
+    def _head(self, status: int, reason: str, block: bytes, framing: bytes, data: bytes) -> bytes:
+        """The response head (``block`` and ``framing`` its header lines) and ``data``
+        after it, as one bytes object (one copy)."""
         conn = self._conn
         if not self.keep_alive or conn.closing or not self._body_done:
             # (An answer before the whole body came ends the connection: see finished.)
@@ -467,7 +472,7 @@ class Request:
             line = to_wire(text)
             if len(_STATUS_LINES) < 512:
                 _STATUS_LINES[status] = (reason, line)
-        return b"%b%b%b\r\n" % (line, block, connection)
+        return b"".join((line, block, framing, connection, b"\r\n", data))
 
     def raw_head(self) -> bytes:
         """The request head as it came (names and values as sent)."""
@@ -677,8 +682,14 @@ class _Connection(asyncio.Protocol):
             raise _Refused(431, f"more than {MAX_HEADERS} header fields")
         parser = self._parser
         url = urls[0] if len(urls) == 1 else b"".join(urls)
-        raw_method = parser.get_method()
-        method = _METHODS.get(raw_method) or raw_method.decode("ascii")
+        raw_method: bytes = parser.get_method()
+        # The two usual methods by comparison: a lookup would hash the new bytes first.
+        if raw_method == b"GET":
+            method = "GET"
+        elif raw_method == b"POST":
+            method = "POST"
+        else:
+            method = _METHODS.get(raw_method) or raw_method.decode("ascii")
         if method == "CONNECT":
             raise _Refused(405, "CONNECT is not served here")
         keep_alive = parser.should_keep_alive()

@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 import ssl
-import time
+from time import perf_counter
 from typing import cast
 
 import httptools
@@ -415,7 +415,7 @@ class _Leg(asyncio.Protocol):
                 # the backend's first data frame after that.
                 if is_client:
                     if fin and session.turn_started is None:
-                        session.turn_started = time.perf_counter()
+                        session.turn_started = perf_counter()
                 elif session.turn_started is not None:
                     session.first_event()
             pos = end
@@ -502,7 +502,7 @@ class Session:
         if started is not None:
             self.turn_started = None
             self.proxy.metrics.observe_first_event(
-                self.route, self.backend, "primary", time.perf_counter() - started
+                self.route, self.backend, "primary", perf_counter() - started
             )
 
     # -- closing
