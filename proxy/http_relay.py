@@ -190,7 +190,7 @@ class _Exchange:
                 experiment,
                 target,
                 self.primary_done,
-                (request.method, request.target, block, body),
+                (request.method, request.wire_target, block, body),
             )
             if self.user_field is not None:
                 shadow.user_id = self.user_id
@@ -235,7 +235,7 @@ class _Exchange:
         request = self.request
         try:
             upstream = await proxy.pool.request(
-                proxy.backend_urls[backend], request.method, request.target, block, body
+                proxy.backend_urls[backend], request.method, request.wire_target, block, body
             )
         except UpstreamUnreachable as exc:
             return self._fail(502, "backend_unreachable", str(exc), Outcome.UNREACHABLE)
@@ -392,7 +392,7 @@ class _Direct(_Exchange):
             connection = self.proxy.pool.start(
                 self.proxy.backend_urls[self.backend],
                 request.method,
-                request.target,
+                request.wire_target,
                 block,
                 body,
                 self,
@@ -521,7 +521,7 @@ class _Shadow:
         experiment: RouteExperiment,
         backend: Backend,
         primary_done: asyncio.Future[Observation],
-        request: tuple[str, str, bytes, bytes],
+        request: tuple[str, str | bytes, bytes, bytes],
     ) -> None:
         self.proxy = proxy
         self.route = route

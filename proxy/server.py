@@ -170,6 +170,7 @@ class Request:
         "target",
         "upgrade",
         "version",
+        "wire_target",
     )
 
     def __init__(
@@ -177,6 +178,7 @@ class Request:
         conn: _Connection,
         method: str,
         target: str,
+        raw_target: bytes,
         version: str,
         raw_headers: RawHeaders,
         keep_alive: bool,
@@ -221,6 +223,11 @@ class Request:
             authority, tail = rest[:end], rest[end:]
             host = authority or host
             target = tail if tail.startswith("/") else "/" + tail
+            # The target for an upstream request line: as text when made here, else the
+            # client's own bytes, which llhttp checked (see UpstreamPool.start).
+            self.wire_target: str | bytes = target
+        else:
+            self.wire_target = raw_target
         self.host = host
         self.target = target
         path = target.partition("?")[0]
@@ -698,6 +705,7 @@ class _Connection(asyncio.Protocol):
             self,
             method,
             from_wire(url),
+            url,
             version,
             headers,
             keep_alive,

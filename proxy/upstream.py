@@ -73,6 +73,10 @@ _TIMER_SLACK: Final = 0.001
 
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+# Method -> its bytes, for the request line (any other method is encoded).
+_METHOD_BYTES: Final = {
+    m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")
+}
 
 _TOKEN: Final = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _FIELD: Final = rf"{_TOKEN}: [^\r\n\x00]*"
@@ -109,6 +113,7 @@ class _Origin:
     port: int
     host_line: str  # "Host: ...\r\n", added unless the caller sent one
     tls: bool
+    host_bytes: bytes  # host_line, encoded
 
 
 def _parse_origin(origin: str) -> _Origin:
@@ -126,7 +131,8 @@ def _parse_origin(origin: str) -> _Origin:
     authority = f"[{host}]" if ":" in host else host
     if port != default_port:
         authority = f"{authority}:{port}"
-    return _Origin(origin, host, port, f"Host: {authority}\r\n", tls)
+    host_line = f"Host: {authority}\r\n"
+    return _Origin(origin, host, port, host_line, tls, to_wire(host_line))
 
 
 def _has_field(probe: str, name: str) -> bool:
@@ -135,17 +141,32 @@ def _has_field(probe: str, name: str) -> bool:
 
 
 def _block_request_head(
-    origin: _Origin, method: str, target: str, block: bytes, body: bytes
+    origin: _Origin, method: str, target: str | bytes, block: bytes, body: bytes
 ) -> bytes:
     """The request head around header lines a proxy made from a parser's headers: names
     are tokens, values free of CR, LF and NUL (llhttp saw to it), and Host,
     Connection, Transfer-Encoding and Content-Length are gone (the proxy saw to it),
-    so only the request line is left to check."""
-    if " " in target or " " in method or "\n" in target or "\r" in target:
-        raise ValueError(f"invalid request line {method!r} {target!r}")
+    so only the request line is left to check. A target as bytes is a parser's too:
+    printable ASCII, no space (llhttp refuses anything else)."""
+    if " " in method or "\n" in method or "\r" in method:
+        raise ValueError(f"invalid method {method!r}")
+    if isinstance(target, str):
+        if " " in target or "\n" in target or "\r" in target:
+            raise ValueError(f"invalid request-target {target!r}")
+        raw_target = to_wire(target)
+    else:
+        raw_target = target
     length = b"Content-Length: %d\r\n" % len(body) if body or method in _BODY_METHODS else b""
-    line = to_wire(f"{method} {target} HTTP/1.1\r\n{origin.host_line}")
-    return b"%b%b%b\r\n" % (line, block, length)
+    raw_method = _METHOD_BYTES.get(method)
+    if raw_method is None:
+        raw_method = to_wire(method)
+    return b"%b %b HTTP/1.1\r\n%b%b%b\r\n" % (
+        raw_method,
+        raw_target,
+        origin.host_bytes,
+        block,
+        length,
+    )
 
 
 def _request_head(
@@ -936,7 +957,7 @@ class UpstreamPool:
         self,
         origin: str,
         method: str,
-        target: str,
+        target: str | bytes,
         headers: Sequence[tuple[str, str]] | bytes,
         body: bytes = b"",
     ) -> UpstreamResponse:
@@ -946,7 +967,7 @@ class UpstreamPool:
         ``target`` and ``headers`` are sent verbatim (hop-by-hop headers must already be
         gone); the pool adds Host unless given and frames the body with Content-Length.
         ``headers`` as bytes: header lines (each ending CRLF) made from a parser's headers,
-        as for ``start``, which saves the checks.
+        as for ``start``, which saves the checks; so may ``target`` be (as ``start``).
         Raises ValueError for a request that cannot be written safely, UpstreamError
         (or its Unreachable and Timeout kinds) when the backend cannot answer.
         """
@@ -958,7 +979,8 @@ class UpstreamPool:
         if isinstance(headers, bytes):
             head, close = _block_request_head(place, method, target, headers, body), False
         else:
-            head, close = _request_head(place, method, target, headers, body)
+            text = target if isinstance(target, str) else from_wire(target)
+            head, close = _request_head(place, method, text, headers, body)
         head_only = method == "HEAD"
         conn = self._pop_idle(place.key)
         if conn is None:
@@ -979,7 +1001,7 @@ class UpstreamPool:
         self,
         origin: str,
         method: str,
-        target: str,
+        target: str | bytes,
         header_block: bytes,
         body: bytes,
         sink: Sink,
@@ -993,7 +1015,8 @@ class UpstreamPool:
         ``request``). ``header_block`` is the header lines (each ending CRLF) as a
         proxy made them from a parser's headers: no Host, Connection,
         Transfer-Encoding or Content-Length (see ``_block_request_head``); ValueError
-        for a request that cannot be written safely."""
+        for a request that cannot be written safely. ``target`` as bytes is the target as
+        a parser read it (printable ASCII, no space), sent as it is."""
         if self._closed:
             return None
         place = self._origins.get(origin)
