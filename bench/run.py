@@ -770,30 +770,6 @@ def measure_paced(
     )
 
 
-def measure_path(
-    settings: Settings,
-    supervisor: Supervisor,
-    groups: dict[str, list[int]],
-    path_key: str,
-    ports: list[int],
-    log: Callable[[str], None],
-) -> list[Measurement]:
-    """Every workload through one path. Several ports (direct): the load is shared between
-    them, as the proxies share it between the two backends; one-client runs use the first.
-
-    A run during which unrelated processes took more than NOISY_PERCENT of a core is
-    repeated once, and the quieter of the two is kept (and flagged if still noisy)."""
-    return [
-        measure_quietly(
-            functools.partial(
-                measure_once, settings, supervisor, groups, path_key, workload, ports
-            ),
-            log,
-        )
-        for workload in settings.workloads
-    ]
-
-
 def measure_once(
     settings: Settings,
     supervisor: Supervisor,
@@ -803,6 +779,9 @@ def measure_once(
     ports: list[int],
     probe: Probe | None = None,
 ) -> Measurement:
+    """One workload through one path. Several ports (direct): the load is shared between
+    them, as the proxies share it between the two backends; one-client runs use the
+    first."""
     if workload == "websocket":
         urls = [f"ws://127.0.0.1:{port}" for port in ports]
         return measure_websocket(settings, supervisor, groups, path_key, urls)
@@ -2243,29 +2222,57 @@ def run_routing_rounds(
     meta: dict[str, Any],
     log: Callable[[str], None],
 ) -> list[Measurement]:
-    """Every routing path, each started and stopped in turn, ``settings.rounds`` times;
-    each round starts one path later, so that on a shared, noisy machine the order of
-    the runs favours no path."""
+    """Every routing path, ``settings.rounds`` times. A round starts every path, then
+    measures one workload through all of them before the next workload, so that the
+    runs compared with each other are seconds apart, not minutes: on a shared virtual
+    machine the speed of the CPU drifts from minute to minute. Each round starts one
+    path later, so that the order favours no path. A path waiting its turn is idle."""
     runs: list[Measurement] = []
     for number in range(settings.rounds):
         if settings.rounds > 1 and paths:
             log(f"routing round {number + 1} of {settings.rounds}")
         shift = number % len(paths) if paths else 0
-        for info in paths[shift:] + paths[:shift]:
-            if not info.available:
-                continue
-            try:
-                ports, proxy = open_path(info, supervisor, workdir, backend_ports, problem)
+        opened: list[tuple[PathInfo, list[int], dict[str, list[int]]]] = []
+        try:
+            for info in paths[shift:] + paths[:shift]:
+                if not info.available:
+                    continue
+                try:
+                    ports, proxy = open_path(info, supervisor, workdir, backend_ports, problem)
+                except BenchError as error:
+                    supervisor.stop(info.key)
+                    not_measured(info, error, log)
+                    continue
                 if info.key == "nginx":
                     meta["nginx_workers"] = info.processes
-                groups = {"backends": backends} | ({"proxy": [proxy]} if proxy else {})
                 log(f"{info.label}: ports {ports}, split {info.split}")
-                for m in measure_path(settings, supervisor, groups, info.key, ports, log):
+                opened.append(
+                    (info, ports, {"backends": backends} | ({"proxy": [proxy]} if proxy else {}))
+                )
+            for workload in settings.workloads:
+                for info, ports, groups in opened:
+                    if not info.available:
+                        continue
+                    try:
+                        m = measure_quietly(
+                            functools.partial(
+                                measure_once,
+                                settings,
+                                supervisor,
+                                groups,
+                                info.key,
+                                workload,
+                                ports,
+                            ),
+                            log,
+                        )
+                    except BenchError as error:
+                        not_measured(info, error, log)
+                        continue
                     m.round = number
                     runs.append(m)
-            except BenchError as error:
-                not_measured(info, error, log)
-            finally:
+        finally:
+            for info, _, _ in opened:
                 supervisor.stop(info.key)
     return runs
 

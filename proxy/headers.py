@@ -128,6 +128,7 @@ _BYTES: Final = _Spelling(
     _b(_REQUEST_DROP),
     _b(_WEBSOCKET_DROP),
 )
+# The X-Forwarded-Proto line of each scheme, made once.
 _PROTO_LINES: Final = {p: b"X-Forwarded-Proto: %b\r\n" % p.encode() for p in ("http", "https")}
 # Header name (as spelt, str or bytes) -> its kind bits.
 _KINDS: Final[dict[Any, int]] = {}

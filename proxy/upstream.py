@@ -135,6 +135,12 @@ def _parse_origin(origin: str) -> _Origin:
     return _Origin(origin, host, port, host_line, tls, to_wire(host_line))
 
 
+def _named(name: bytes, lower: bytes, usual: bytes) -> bool:
+    """Whether header ``name`` is ``lower`` in any case: the two usual spellings are
+    compared as they are, without a call to lower()."""
+    return name in (lower, usual) or name.lower() == lower
+
+
 def _has_field(probe: str, name: str) -> bool:
     """Whether lower-cased header lines ``probe`` have a line starting ``name``."""
     return probe.startswith(name) or f"\n{name}" in probe
@@ -604,8 +610,8 @@ class _Connection(asyncio.Protocol):
         self._head_size += len(name) + len(value) + 4
         self._headers.append((name, value))
         size = len(name)
-        # The length test keeps lower() off the common headers, and the two usual
-        # spellings of the framing headers keep it off those.
+        # The length test keeps lower() off the common headers (_named off the usual
+        # spellings of the framing ones).
         if size == 10 and name.lower() == b"connection":
             tokens = {token.strip() for token in value.lower().split(b",")}
             self._said_close = self._said_close or b"close" in tokens
@@ -613,17 +619,9 @@ class _Connection(asyncio.Protocol):
             self._named_connection = True
         elif size == 16 and name.lower() == b"proxy-connection":
             self._named_connection = True  # llhttp reads it as Connection
-        elif size == 14 and (
-            name == b"content-length"
-            or name == b"Content-Length"
-            or name.lower() == b"content-length"
-        ):
+        elif size == 14 and _named(name, b"content-length", b"Content-Length"):
             self._has_length = True
-        elif size == 17 and (
-            name == b"transfer-encoding"
-            or name == b"Transfer-Encoding"
-            or name.lower() == b"transfer-encoding"
-        ):
+        elif size == 17 and _named(name, b"transfer-encoding", b"Transfer-Encoding"):
             # llhttp frames by chunks only when chunked is the final coding.
             self._chunked = (
                 value == b"chunked" or value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
