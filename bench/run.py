@@ -770,25 +770,6 @@ def measure_paced(
     )
 
 
-def measure_once(
-    settings: Settings,
-    supervisor: Supervisor,
-    groups: dict[str, list[int]],
-    path_key: str,
-    workload: str,
-    ports: list[int],
-    probe: Probe | None = None,
-) -> Measurement:
-    """One workload through one path. Several ports (direct): the load is shared between
-    them, as the proxies share it between the two backends; one-client runs use the
-    first."""
-    if workload == "websocket":
-        urls = [f"ws://127.0.0.1:{port}" for port in ports]
-        return measure_websocket(settings, supervisor, groups, path_key, urls)
-    urls = [f"http://127.0.0.1:{port}" for port in ports]
-    return measure_http(settings, supervisor, groups, path_key, workload, urls, probe)
-
-
 def log_measurement(measurement: Measurement, log: Callable[[str], None]) -> None:
     log(
         f"  {measurement.workload:<9} {measurement.path:<13} {measurement.rate:>10,.0f} "
@@ -803,6 +784,30 @@ def log_measurement(measurement: Measurement, log: Callable[[str], None]) -> Non
         + " ".join(f"{k}={v:.0f}%" for k, v in measurement.cpu_percent.items())
         + (f"  errors {measurement.errors}" if measurement.errors else "")
     )
+
+
+def measure(
+    settings: Settings,
+    supervisor: Supervisor,
+    groups: dict[str, list[int]],
+    path_key: str,
+    workload: str,
+    ports: list[int],
+    log: Callable[[str], None],
+    probe: Probe | None = None,
+) -> Measurement:
+    """One workload through one path (again if the machine was noisy: measure_quietly).
+    Several ports (direct): the load is shared between them, as the proxies share it
+    between the two backends; one-client runs use the first."""
+
+    def once() -> Measurement:
+        if workload == "websocket":
+            urls = [f"ws://127.0.0.1:{port}" for port in ports]
+            return measure_websocket(settings, supervisor, groups, path_key, urls)
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        return measure_http(settings, supervisor, groups, path_key, workload, urls, probe)
+
+    return measure_quietly(once, log)
 
 
 def measure_quietly(run: Callable[[], Measurement], log: Callable[[str], None]) -> Measurement:
@@ -1250,19 +1255,7 @@ def run_shadow_suite(
             log(f"{info.label}: ports {ports}, split {info.split}, {mirrored} shadow requests")
             for workload in SHADOW_WORKLOADS:
                 results.measurements.append(
-                    measure_quietly(
-                        functools.partial(
-                            measure_once,
-                            settings,
-                            supervisor,
-                            groups,
-                            info.key,
-                            workload,
-                            ports,
-                            probe,
-                        ),
-                        log,
-                    )
+                    measure(settings, supervisor, groups, info.key, workload, ports, log, probe)
                 )
                 summary = shadow_summary(results.measurements[-1])
                 log(f"    {summary}")
@@ -2254,18 +2247,7 @@ def run_routing_rounds(
                     if not info.available:
                         continue
                     try:
-                        m = measure_quietly(
-                            functools.partial(
-                                measure_once,
-                                settings,
-                                supervisor,
-                                groups,
-                                info.key,
-                                workload,
-                                ports,
-                            ),
-                            log,
-                        )
+                        m = measure(settings, supervisor, groups, info.key, workload, ports, log)
                     except BenchError as error:
                         not_measured(info, error, log)
                         continue
