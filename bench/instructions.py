@@ -12,17 +12,20 @@ prints the instructions per exchange. System calls are counted up to the kernel'
 the kernel's own work is not in the figure (see ``perf`` for that). Under valgrind the
 proxy runs about fifty times slower; the count does not depend on it.
 
-Run: ``.venv/bin/python bench/instructions.py [--exchanges 2000] [--workloads json,ndjson]``
-(installs valgrind with apt-get where missing; ``--no-install`` refuses to). The file
-callgrind wrote is kept with ``--keep``: ``callgrind_annotate --inclusive=yes FILE`` says
-where the instructions go.
+Run: ``.venv/bin/python bench/instructions.py [--exchanges 2000] [--workloads ...]``
+(``json,ndjson,websocket`` by default; a WebSocket exchange is one turn, a client message
+and the five events back; installs valgrind with apt-get where missing, ``--no-install``
+refuses to). The file callgrind wrote is kept with ``--keep``:
+``callgrind_annotate --inclusive=yes FILE`` says where the instructions go.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -46,6 +49,7 @@ from run import (
     strangler_config,
     wait_until,
 )
+from wsload import TERMINAL, masked_text_frame
 
 CONNECTIONS = 10
 WARMUP = 300
@@ -53,13 +57,48 @@ _TOTALS = re.compile(rb"^(?:summary|totals): (\d+)", re.MULTILINE)
 _LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
 
 
+async def websocket_turns(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, user: str, count: int
+) -> None:
+    """The handshake, then ``count`` turns: one client message, frames up to the terminal
+    event."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET {WORKLOADS['websocket']['path']} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: 13\r\nX-User-Id: {user}\r\n\r\n".encode()
+    )
+    response = await reader.readuntil(b"\r\n\r\n")
+    if b" 101 " not in response.split(b"\r\n", 1)[0]:
+        raise BenchError(f"websocket: {response.splitlines()[0]!r}")
+    message = json.dumps({"type": "user_message", "user_id": user, "text": "run the tool"})
+    frame = masked_text_frame(message.encode(), os.urandom(4))
+    for _ in range(count):
+        writer.write(frame)
+        while True:
+            first, size = await reader.readexactly(2)
+            if size == 126:
+                size = int.from_bytes(await reader.readexactly(2), "big")
+            elif size == 127:
+                size = int.from_bytes(await reader.readexactly(8), "big")
+            payload = await reader.readexactly(size)
+            if first & 0x0F == 0x8:
+                raise BenchError(f"websocket: closed {payload[:2].hex()}")
+            if TERMINAL in payload:
+                break
+
+
 async def drive(port: int, workload: str, exchanges: int) -> None:
-    """``exchanges`` requests of the workload, on CONNECTIONS keep-alive connections."""
+    """``exchanges`` requests of the workload (WebSocket: turns), on CONNECTIONS keep-alive
+    connections."""
     spec = WORKLOADS[workload]
 
     async def one_connection(index: int, count: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
+            if workload == "websocket":
+                await websocket_turns(reader, writer, f"user-{index}", count)
+                return
             for n in range(count):
                 user = f"user-{index}-{n % 37}".encode()
                 if spec["method"] == "POST":
@@ -125,14 +164,14 @@ def count(pid: int, directory: Path, port: int, workload: str, exchanges: int) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exchanges", type=int, default=2000)
-    parser.add_argument("--workloads", default="json,ndjson")
+    parser.add_argument("--workloads", default="json,ndjson,websocket")
     parser.add_argument("--no-install", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the callgrind files")
     args = parser.parse_args(argv)
     workloads = [w for w in args.workloads.split(",") if w]
-    unknown = [w for w in workloads if w not in ("json", "ndjson")]
+    unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
-        parser.error(f"unknown workload(s): {', '.join(unknown)} (json, ndjson)")
+        parser.error(f"unknown workload(s): {', '.join(unknown)} ({', '.join(WORKLOADS)})")
     try:
         ensure_tools(not args.no_install, print, ("valgrind", "callgrind_control"), ("valgrind",))
     except BenchError as error:

@@ -332,10 +332,12 @@ class _Leg(asyncio.Protocol):
         if self.deaf or self.closed:
             return
         pending = self.pending
-        view: bytes | bytearray
-        if pending:
+        # Parsed as bytes, never bytearray: compiled, indexing bytes is a primitive, and
+        # indexing a value that may be either is a generic call (several per frame).
+        held = bool(pending)
+        if held:
             pending += data
-            view = pending
+            view = bytes(pending)
         else:
             view = data
         session = self.session
@@ -401,11 +403,11 @@ class _Leg(asyncio.Protocol):
                 break
             if opcode == 8:
                 self._forward(view, start, pos)
-                payload = bytes(view[pos + head : end])
+                payload = view[pos + head : end]
                 if masked:
-                    payload = _unmask(payload, bytes(view[pos + head - 4 : pos + head]))
+                    payload = _unmask(payload, view[pos + head - 4 : pos + head])
                 code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-                session.close_received(self, bytes(view[pos:end]), code)
+                session.close_received(self, view[pos:end], code)
                 pending.clear()
                 return
             if opcode < 8:
@@ -422,21 +424,21 @@ class _Leg(asyncio.Protocol):
         self._forward(view, start, pos)
         if pos == n:
             pending.clear()
-        elif view is pending:
+        elif held:
             del pending[:pos]
         else:
             pending += view[pos:]
 
-    def _forward(self, view: bytes | bytearray, start: int, end: int) -> None:
+    def _forward(self, view: bytes, start: int, end: int) -> None:
         if end <= start:
             return
         other = self.other
         if other is None or other.close_sent or other.closed or other.transport is None:
             return
-        if start == 0 and end == len(view) and isinstance(view, bytes):
+        if start == 0 and end == len(view):
             other.transport.write(view)
         else:
-            other.transport.write(bytes(view[start:end]))
+            other.transport.write(view[start:end])
 
     def send_close(self, code: int, reason: bytes) -> None:
         self.send_close_frame(close_frame(code, reason, masked=not self.is_client))
