@@ -41,7 +41,7 @@ class DivergenceKind(enum.StrEnum):
     ERROR = "error"
     TIMEOUT = "timeout"
 
-    __hash__ = str.__hash__  # the C hash, not Enum's Python one
+    __hash__ = str.__hash__  # str's C hash in the slot (see proxy.routing.Backend)
 
 
 @dataclass(frozen=True, slots=True)

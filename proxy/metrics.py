@@ -47,7 +47,7 @@ class Outcome(enum.StrEnum):
     BROKEN = "broken"  # backend failed mid-stream
     CLIENT_CLOSED = "client_closed"  # the client went away first
 
-    __hash__ = str.__hash__  # the C hash, not Enum's Python one (see routing.Backend)
+    __hash__ = str.__hash__  # str's C hash in the slot (see routing.Backend)
 
 
 ERROR_OUTCOMES = frozenset(

@@ -177,7 +177,6 @@ class Request:
         self,
         conn: _Connection,
         method: str,
-        target: str,
         raw_target: bytes,
         version: str,
         raw_headers: RawHeaders,
@@ -211,6 +210,7 @@ class Request:
         self._continue = expect_continue
         self.length = length  # the Content-Length, -1 without one
         self.key: str | None = None  # the server's key header (see HttpServer)
+        target = from_wire(raw_target)
         if target[0] != "/" and target.startswith(("http://", "https://")):
             # Absolute form: the authority names the host, the rest is the target (a
             # query straight after the authority belongs to the path "/").
@@ -704,7 +704,6 @@ class _Connection(asyncio.Protocol):
         request = Request(
             self,
             method,
-            from_wire(url),
             url,
             version,
             headers,

@@ -31,7 +31,7 @@ import httptools
 from aiohttp import WSCloseCode
 
 from proxy.context import Proxy
-from proxy.headers import BACKEND_HEADER, upstream_request_block
+from proxy.headers import BACKEND_HEADER, to_wire, upstream_request_block
 from proxy.metrics import Outcome
 from proxy.routing import UNROUTED, Backend, Route
 from proxy.server import Request
@@ -164,7 +164,7 @@ async def _open_upstream(
     ]
     if offered:
         lines.append(f"Sec-WebSocket-Protocol: {', '.join(offered)}\r\n")
-    head = "".join(lines).encode("utf-8", "surrogateescape") + block + b"\r\n"
+    head = to_wire("".join(lines)) + block + b"\r\n"
     transport: asyncio.Transport | None = None
     try:
         try:

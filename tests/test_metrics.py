@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import enum
+
+import pytest
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapters.compare import DivergenceKind
 from proxy.metrics import LATENCY_BUCKETS, Metrics, Outcome
 from proxy.routing import Backend
 
@@ -79,3 +83,15 @@ def test_counts_and_first_events_are_kept_apart_per_route_backend_role_and_outco
     assert durations[("_sum", candidate)] == 5.0
     # A second collection adds nothing: the batch was moved, not copied.
     assert samples(metrics.registry, "strangler_requests") == counts
+
+
+@pytest.mark.parametrize("kind", [Backend, Outcome, DivergenceKind])
+def test_a_label_enum_member_and_its_value_are_one_dict_key(kind: type[enum.StrEnum]) -> None:
+    # Members key the per-request dicts (metrics batches, backend URLs) that are also
+    # filled or read with plain strings: a member must hash as its value (Enum's own
+    # __hash__ hashes the member's name), and does so with str's own hash.
+    for member in kind:
+        assert hash(member) == hash(member.value)
+        assert {member.value: 1}[member] == 1
+        assert {member: 1}[member.value] == 1
+        assert kind.__hash__ is str.__hash__
