@@ -187,7 +187,7 @@ class Settings:
     hang_warmup: float = 3.0
     hang_workloads: tuple[str, ...] = ("ndjson",)
     hang_rounds: int = 5
-    rounds: int = 3
+    rounds: int = 5
 
 
 @dataclass
@@ -1796,8 +1796,42 @@ def ratio(numerator: Measurement | None, denominator: Measurement | None) -> flo
     return numerator.rate / denominator.rate
 
 
+def paired_ratio(
+    measurements: list[Measurement],
+    rounds: list[Measurement],
+    workload: str,
+    path: str,
+    against: str,
+) -> float | None:
+    """``path``'s throughput against ``against``'s on one workload: each round's ratio
+    (the two runs seconds apart), the median over the rounds that measured both. The
+    machine's speed drifts from minute to minute, and a run's rate moves with it; two
+    runs of the same round drift together, so their ratio moves less than either rate.
+    Without rounds, the ratio of the two median runs."""
+    ratios = round_ratios(rounds, workload, path, against)
+    if ratios:
+        return median(ratios)
+    return ratio(find(measurements, workload, path), find(measurements, workload, against))
+
+
+def round_ratios(rounds: list[Measurement], workload: str, path: str, against: str) -> list[float]:
+    """Per round that measured both, in round order: ``path``'s rate over ``against``'s."""
+    pairs: dict[int, dict[str, float]] = {}
+    for m in rounds:
+        if m.workload == workload and m.path in (path, against):
+            pairs.setdefault(m.round, {})[m.path] = m.rate
+    return [
+        pairs[r][path] / pairs[r][against]
+        for r in sorted(pairs)
+        if pairs[r].get(against) and path in pairs[r]
+    ]
+
+
 def evaluate_targets(
-    measurements: list[Measurement], strangler_keys: list[str], peers: dict[str, str]
+    measurements: list[Measurement],
+    rounds: list[Measurement],
+    strangler_keys: list[str],
+    peers: dict[str, str],
 ) -> list[dict[str, Any]]:
     rows = []
     for key, workload, description, threshold in TARGETS:
@@ -1806,11 +1840,8 @@ def evaluate_targets(
             strangler = find(measurements, workload, path)
             against = peers.get(path, "nginx") if key.endswith("_vs_nginx") else "direct"
             value: float | None
-            if key.endswith("_vs_nginx"):
-                value = ratio(strangler, find(measurements, workload, against))
-                met = value is not None and value >= threshold
-            elif key.endswith("_vs_direct"):
-                value = ratio(strangler, direct)
+            if key.endswith(("_vs_nginx", "_vs_direct")):
+                value = paired_ratio(measurements, rounds, workload, path, against)
                 met = value is not None and value >= threshold
             else:
                 value = (
@@ -1828,13 +1859,18 @@ def evaluate_targets(
                         "against": against,
                         "threshold": threshold,
                         "value": value,
+                        "rounds": round_ratios(rounds, workload, path, against)
+                        if key.endswith(("_vs_nginx", "_vs_direct"))
+                        else [],
                         "met": met,
                     }
                 )
     return rows
 
 
-def comparisons(measurements: list[Measurement], peers: dict[str, str]) -> list[dict[str, Any]]:
+def comparisons(
+    measurements: list[Measurement], rounds: list[Measurement], peers: dict[str, str]
+) -> list[dict[str, Any]]:
     """Per workload and proxied path: throughput ratios (strangler against the nginx
     with as many workers, ``nginx_against``) and added one-client p50."""
     rows = []
@@ -1848,8 +1884,10 @@ def comparisons(measurements: list[Measurement], peers: dict[str, str]) -> list[
                 "workload": m.workload,
                 "path": m.path,
                 "nginx_against": peer,
-                "vs_nginx": ratio(m, find(measurements, m.workload, peer)) if peer else None,
-                "vs_direct": ratio(m, direct),
+                "vs_nginx": (
+                    paired_ratio(measurements, rounds, m.workload, m.path, peer) if peer else None
+                ),
+                "vs_direct": paired_ratio(measurements, rounds, m.workload, m.path, "direct"),
                 "added_p50_one_client_ms": (
                     m.p50_one_client_ms - direct.p50_one_client_ms if direct else None
                 ),
@@ -1871,6 +1909,7 @@ def markdown_report(
     meta: dict[str, Any],
     paths: list[PathInfo],
     measurements: list[Measurement],
+    rounds: list[Measurement],
     targets: list[dict[str, Any]],
     peers: dict[str, str],
 ) -> str:
@@ -1898,7 +1937,8 @@ def markdown_report(
         "go to legacy."
         + (
             f" Every path measured in {settings.rounds} interleaved rounds, each starting one "
-            "path later; each row is the round of median throughput."
+            "path later; each row is the round of median throughput, and each ratio the "
+            "median of the rounds' own ratios (runs of one round are seconds apart)."
             if settings.rounds > 1
             else ""
         ),
@@ -1914,8 +1954,14 @@ def markdown_report(
             if m is None:
                 continue
             peer = peers.get(info.key)
-            versus_nginx = ratio(m, find(measurements, workload, peer)) if peer else None
-            versus_direct = ratio(m, direct) if info.key != "direct" else None
+            versus_nginx = (
+                paired_ratio(measurements, rounds, workload, m.path, peer) if peer else None
+            )
+            versus_direct = (
+                paired_ratio(measurements, rounds, workload, m.path, "direct")
+                if info.key != "direct"
+                else None
+            )
             out.append(
                 f"| {workload} | {labels[m.path]} | {fmt_rate(m.rate)} {m.unit} "
                 f"| {m.p50_ms:.2f} ms | {m.p99_ms:.2f} ms | {m.p50_one_client_ms:.3f} ms "
@@ -1969,8 +2015,8 @@ def markdown_report(
             "",
             "### Targets",
             "",
-            "| target | path | against | measured | met |",
-            "| --- | --- | --- | ---: | --- |",
+            "| target | path | against | measured | each round | met |",
+            "| --- | --- | --- | ---: | --- | --- |",
         ]
         for row in targets:
             measured = (
@@ -1981,6 +2027,7 @@ def markdown_report(
             out.append(
                 f"| {row['description']} | {labels[row['path']]} "
                 f"| {labels.get(row['against'], row['against'])} | {measured} "
+                f"| {', '.join(f'{r:.2f}' for r in row['rounds'])} "
                 f"| {'yes' if row['met'] else '**no**'} |"
             )
     notes = [info for info in paths if info.notes]
@@ -2052,7 +2099,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=3,
+        default=5,
         help="routing suite: interleaved rounds over the paths; each figure is the median",
     )
     parser.add_argument("--quick", action="store_true", help="short windows, for a smoke run")
@@ -2316,12 +2363,12 @@ def main(argv: list[str] | None = None) -> int:
 
     strangler_keys = [i.key for i in paths if i.key.startswith("strangler") and i.available]
     peers = nginx_peers(paths)
-    targets = evaluate_targets(measurements, strangler_keys, peers)
+    targets = evaluate_targets(measurements, rounds, strangler_keys, peers)
     shadow_targets = evaluate_shadow_targets(settings, shadow) if shadow is not None else []
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     parts = []
     if "routing" in settings.suites:
-        parts.append(markdown_report(settings, meta, paths, measurements, targets, peers))
+        parts.append(markdown_report(settings, meta, paths, measurements, rounds, targets, peers))
     if shadow is not None:
         parts.append(shadow_report(settings, meta, shadow, measurements, paths, shadow_targets))
     report = "\n".join(parts)
@@ -2333,7 +2380,7 @@ def main(argv: list[str] | None = None) -> int:
         "paths": [asdict(info) for info in paths],
         "measurements": [asdict(m) for m in measurements],
         "rounds": [asdict(m) for m in rounds],
-        "comparisons": comparisons(measurements, peers),
+        "comparisons": comparisons(measurements, rounds, peers),
         "targets": targets,
         "shadow": shadow_document(shadow, shadow_targets) if shadow is not None else None,
     }

@@ -166,9 +166,11 @@ class Metrics:
     # The three per-exchange observations are batched: a few native updates here, the
     # Prometheus values (locked, and mmap-backed with workers) updated in bulk by
     # ``flush``, which every collection of the registry runs first. One batch per
-    # route, backend and role holds all three: one lookup per exchange.
+    # route, backend and role holds all three: one lookup per exchange. A batch lives
+    # as long as the proxy (``flush`` empties it in place), so that what lasts longer
+    # than an exchange, a WebSocket session, looks its batch up once.
 
-    def _batch(self, route: str, backend: str, role: str) -> _Batch:
+    def batch(self, route: str, backend: str, role: str) -> _Batch:
         key = (route, backend, role)
         batch = self._batches.get(key)
         if batch is None:
@@ -176,11 +178,11 @@ class Metrics:
         return batch
 
     def count_request(self, route: str, backend: str, role: str, outcome: str) -> None:
-        counts = self._batch(route, backend, role).counts
+        counts = self.batch(route, backend, role).counts
         counts[outcome] = counts.get(outcome, 0) + 1
 
     def observe_first_event(self, route: str, backend: str, role: str, seconds: float) -> None:
-        self._first_event(self._batch(route, backend, role), seconds)
+        self.first_event_in(self.batch(route, backend, role), seconds)
 
     def exchange(
         self,
@@ -193,16 +195,17 @@ class Metrics:
     ) -> None:
         """One exchange's count, duration and first-event time at once (either time may
         be missing)."""
-        batch = self._batch(route, backend, role)
+        batch = self.batch(route, backend, role)
         counts = batch.counts
         counts[outcome] = counts.get(outcome, 0) + 1
         if duration is not None:
             batch.duration_total += duration
             batch.duration_buckets[self._bucket(duration)] += 1
         if first_event is not None:
-            self._first_event(batch, first_event)
+            self.first_event_in(batch, first_event)
 
-    def _first_event(self, batch: _Batch, seconds: float) -> None:
+    def first_event_in(self, batch: _Batch, seconds: float) -> None:
+        """A first-event time, into a batch the caller holds (see ``batch``)."""
         batch.first_total += seconds
         batch.first_buckets[self._bucket(seconds)] += 1
 
@@ -218,13 +221,17 @@ class Metrics:
 
     def flush(self) -> None:
         """Move the batched observations into the Prometheus values."""
-        batches, self._batches = self._batches, {}
-        for labels, batch in batches.items():
-            for outcome, n in batch.counts.items():
+        # Batches are emptied in place, not replaced: sessions hold theirs. Everything
+        # here runs on the event loop's thread, as every observation does.
+        for labels, batch in self._batches.items():
+            counts, batch.counts = batch.counts, {}
+            for outcome, n in counts.items():
                 self._child(self.requests, *labels, outcome).inc(n)
+            durations, firsts = batch.duration_total, batch.first_total
+            batch.duration_total = batch.first_total = 0.0
             for metric, buckets, total in (
-                (self.duration, batch.duration_buckets, batch.duration_total),
-                (self.first_event, batch.first_buckets, batch.first_total),
+                (self.duration, batch.duration_buckets, durations),
+                (self.first_event, batch.first_buckets, firsts),
             ):
                 if not any(buckets):
                     continue
@@ -234,6 +241,7 @@ class Metrics:
                 for index, n in enumerate(buckets):
                     if n:
                         child._buckets[index].inc(n)
+                        buckets[index] = 0
                 child._sum.inc(total)
         increments, self._increments = self._increments, {}
         for (metric, values), n in increments.items():

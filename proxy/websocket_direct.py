@@ -468,6 +468,7 @@ class Session:
         self.limit = proxy.settings.server.max_ws_message_bytes
         self.outcome = Outcome.SUCCESS
         self.turn_started: float | None = None
+        self.batch = proxy.metrics.batch(route, backend, "primary")
         self.client = _Leg(self, True)
         self.upstream = _Leg(self, False)
         self.client.other, self.upstream.other = self.upstream, self.client
@@ -503,9 +504,7 @@ class Session:
         started = self.turn_started
         if started is not None:
             self.turn_started = None
-            self.proxy.metrics.observe_first_event(
-                self.route, self.backend, "primary", perf_counter() - started
-            )
+            self.proxy.metrics.first_event_in(self.batch, perf_counter() - started)
 
     # -- closing
 

@@ -85,6 +85,32 @@ def test_counts_and_first_events_are_kept_apart_per_route_backend_role_and_outco
     assert samples(metrics.registry, "strangler_requests") == counts
 
 
+def test_a_batch_held_across_collections_keeps_counting_and_counts_once() -> None:
+    # A WebSocket session looks its batch up once and keeps it for all its turns.
+    metrics = Metrics()
+    held = metrics.batch("agent", "legacy", "primary")
+    metrics.first_event_in(held, 0.002)
+    metrics.count_request("agent", "legacy", "primary", "success")
+    legacy = (("backend", "legacy"), ("role", "primary"), ("route", "agent"))
+    first = samples(metrics.registry, "strangler_first_event_seconds")
+    assert (first[("_count", legacy)], first[("_sum", legacy)]) == (1.0, 0.002)
+    metrics.first_event_in(held, 0.003)
+    metrics.observe_first_event("agent", "legacy", "primary", 0.004)  # the same batch
+    metrics.exchange("agent", Backend.LEGACY, "primary", Outcome.SUCCESS, 0.01, None)
+    first = samples(metrics.registry, "strangler_first_event_seconds")
+    assert first[("_count", legacy)] == 3.0
+    assert first[("_sum", legacy)] == pytest.approx(0.009)
+    assert first[("_bucket", (*legacy[:1], ("le", "0.0025"), *legacy[1:]))] == 1.0
+    assert first[("_bucket", (*legacy[:1], ("le", "0.005"), *legacy[1:]))] == 3.0
+    requests = samples(metrics.registry, "strangler_requests")
+    assert requests[("_total", tuple(sorted((*legacy, ("outcome", "success")))))] == 2.0
+    durations = samples(metrics.registry, "strangler_request_duration_seconds")
+    assert (durations[("_count", legacy)], durations[("_sum", legacy)]) == (1.0, 0.01)
+    # Collected again with nothing new: nothing added.
+    assert samples(metrics.registry, "strangler_first_event_seconds") == first
+    assert samples(metrics.registry, "strangler_requests") == requests
+
+
 @pytest.mark.parametrize("kind", [Backend, Outcome, DivergenceKind])
 def test_a_label_enum_member_and_its_value_are_one_dict_key(kind: type[enum.StrEnum]) -> None:
     # Members key the per-request dicts (metrics batches, backend URLs) that are also
