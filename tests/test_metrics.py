@@ -81,7 +81,7 @@ def test_counts_and_first_events_are_kept_apart_per_route_backend_role_and_outco
     durations = samples(metrics.registry, "strangler_request_duration_seconds")
     assert durations[("_count", legacy)] == 2.0
     assert durations[("_sum", candidate)] == 5.0
-    # A second collection adds nothing: the batch was moved, not copied.
+    # A second collection adds nothing: the batch was emptied as it was collected.
     assert samples(metrics.registry, "strangler_requests") == counts
 
 
