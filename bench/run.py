@@ -2,8 +2,8 @@
 routing only and with shadow runs.
 
 One run (``make bench``) starts two backends (``bench/backend.py``: legacy and candidate)
-and runs two suites (``--suite routing|shadow|all``, ``all`` by default), one path at a time
-so that no idle proxy shares the CPUs.
+and runs two suites (``--suite routing|shadow|all``, ``all`` by default), measuring one
+path at a time while the others, if started, stay idle.
 
 **routing** measures three workloads:
 
@@ -21,7 +21,9 @@ compared with the nginx that runs as many worker processes (``nginx_peers``): on
 the load generator and the backends share, a proxy with more processes gets more of the
 scheduler's time, whatever each process costs. HTTP runs use 50 connections over 2 wrk threads
 for a fixed duration, then one connection for latency at one client; every request carries
-its own ``X-User-Id``. WebSocket runs use 200 sessions, then one.
+its own ``X-User-Id``. WebSocket runs use 200 sessions, then one. The suite runs in
+interleaved rounds (``--rounds``, 5): each row of the report is the run of median
+throughput, and each ratio the median of the rounds' own ratios (``paired_ratio``).
 
 **shadow** measures what shadow runs cost:
 
@@ -1840,7 +1842,9 @@ def evaluate_targets(
             strangler = find(measurements, workload, path)
             against = peers.get(path, "nginx") if key.endswith("_vs_nginx") else "direct"
             value: float | None
+            per_round: list[float] = []
             if key.endswith(("_vs_nginx", "_vs_direct")):
+                per_round = round_ratios(rounds, workload, path, against)
                 value = paired_ratio(measurements, rounds, workload, path, against)
                 met = value is not None and value >= threshold
             else:
@@ -1859,9 +1863,7 @@ def evaluate_targets(
                         "against": against,
                         "threshold": threshold,
                         "value": value,
-                        "rounds": round_ratios(rounds, workload, path, against)
-                        if key.endswith(("_vs_nginx", "_vs_direct"))
-                        else [],
+                        "rounds": per_round,
                         "met": met,
                     }
                 )
