@@ -130,6 +130,25 @@ _BYTES: Final = _Spelling(
 )
 # The X-Forwarded-Proto line of each scheme, made once.
 _PROTO_LINES: Final = {p: b"X-Forwarded-Proto: %b\r\n" % p.encode() for p in ("http", "https")}
+# The methods most requests carry: the listener and the upstream client each derive
+# their lookup table (bytes to text, text to bytes) from this one list.
+COMMON_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")
+# Body length -> its Content-Length line, for the lengths most messages have.
+_LENGTH_LINES: Final[dict[int, bytes]] = {}
+_LENGTH_LINES_MAX: Final = 4096
+
+
+def length_line(size: int) -> bytes:
+    """The ``Content-Length`` header line (ending CRLF) of a body of ``size`` bytes, made
+    once per length (up to a bound: a body's length is the peer's to choose)."""
+    line = _LENGTH_LINES.get(size)
+    if line is None:
+        line = b"Content-Length: %d\r\n" % size
+        if len(_LENGTH_LINES) < _LENGTH_LINES_MAX:
+            _LENGTH_LINES[size] = line
+    return line
+
+
 # Header name (as spelt, str or bytes) -> its kind bits.
 _KINDS: Final[dict[Any, int]] = {}
 

@@ -38,7 +38,7 @@ from urllib.parse import unquote
 import httptools
 import orjson
 
-from proxy.headers import as_text, from_wire, http_version, to_wire
+from proxy.headers import COMMON_METHODS, as_text, from_wire, http_version, length_line, to_wire
 
 log = logging.getLogger("strangler.server")
 
@@ -73,10 +73,7 @@ _CONNECTION: Final = 16  # Connection or Proxy-Connection (llhttp reads both)
 _UPGRADE: Final = 32
 _FIELDS_MAX: Final = 4096  # header names are the client's to choose: the cache stops growing
 # The parser's method bytes to the str every request carries, without a decode each time.
-_METHODS: Final[dict[bytes, str]] = {
-    m.encode(): m
-    for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
-}
+_METHODS: Final[dict[bytes, str]] = {m.encode(): m for m in (*COMMON_METHODS, "CONNECT")}
 
 
 class BodyTooLarge(Exception):
@@ -101,9 +98,6 @@ def _reason(status: int) -> str:
 # Status -> (reason, status line) of the last reason seen with it: keyed by the int alone,
 # which hashes for nothing (a backend sends one reason per status, nearly always).
 _STATUS_LINES: Final[dict[int, tuple[str, bytes]]] = {}
-# Body length -> its Content-Length line, for the lengths most answers have.
-_LENGTH_LINES: Final[dict[int, bytes]] = {}
-_LENGTH_LINES_MAX: Final = 4096
 
 
 def _header_block(headers: Sequence[tuple[str, str]]) -> tuple[bytes, bytes | None]:
@@ -328,13 +322,7 @@ class Request:
             framing = b"" if length is None else b"Content-Length: %b\r\n" % length
             body = b""
         else:
-            size = len(body)
-            line = _LENGTH_LINES.get(size)
-            if line is None:
-                line = b"Content-Length: %d\r\n" % size
-                if len(_LENGTH_LINES) < _LENGTH_LINES_MAX:
-                    _LENGTH_LINES[size] = line
-            framing = line
+            framing = length_line(len(body))
         conn = self._conn
         conn.write(self._head(status, reason, block, framing, body))
         self.finished = True

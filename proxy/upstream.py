@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from proxy.headers import as_text, from_wire, http_version, to_wire
+from proxy.headers import COMMON_METHODS, as_text, from_wire, http_version, length_line, to_wire
 
 __all__ = [
     "PoolStats",
@@ -74,9 +74,7 @@ _TIMER_SLACK: Final = 0.001
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 # Method -> its bytes, for the request line (any other method is encoded).
-_METHOD_BYTES: Final = {
-    m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")
-}
+_METHOD_BYTES: Final = {m: m.encode() for m in COMMON_METHODS}
 
 _TOKEN: Final = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _FIELD: Final = rf"{_TOKEN}: [^\r\n\x00]*"
@@ -162,7 +160,7 @@ def _block_request_head(
         raw_target = to_wire(target)
     else:
         raw_target = target
-    length = b"Content-Length: %d\r\n" % len(body) if body or method in _BODY_METHODS else b""
+    length = length_line(len(body)) if body or method in _BODY_METHODS else b""
     raw_method = _METHOD_BYTES.get(method)
     if raw_method is None:
         raw_method = to_wire(method)

@@ -103,6 +103,16 @@ def test_header_names_past_the_cache_bound_are_still_cleaned() -> None:
     assert got == [b"X-Never-Seen: kept", b"X-Forwarded-Proto: http"]
 
 
+def test_content_length_lines_are_right_past_the_cache_bound() -> None:
+    # A body's length is the peer's to choose: the cache of lines stops growing at its
+    # bound, and a length past it still gets its own line.
+    for size in range(headers._LENGTH_LINES_MAX + 100):
+        assert headers.length_line(size) == b"Content-Length: %d\r\n" % size
+    assert len(headers._LENGTH_LINES) <= headers._LENGTH_LINES_MAX
+    assert headers.length_line(10**12) == b"Content-Length: 1000000000000\r\n"
+    assert headers.length_line(0) == b"Content-Length: 0\r\n"
+
+
 # --- wire text ------------------------------------------------------------------------
 
 
