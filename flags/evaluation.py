@@ -19,8 +19,28 @@ _ROLLOUT_STRATEGIES = ("flexibleRollout", "gradualRolloutUserId")
 
 
 def normalized_hash(identifier: str, group_id: str, modulus: int = 100) -> int:
-    """Unleash's bucket: murmur3 (seed 0) of ``groupId:identifier``, modulo, plus 1."""
-    return int(mmh3.hash(f"{group_id}:{identifier}", 0, signed=False)) % modulus + 1
+    """Unleash's bucket: murmur3 (seed 0) of ``groupId:identifier``, modulo, plus 1.
+
+    murmur3 runs over the text's UTF-8 bytes, as the SDK's (``mmh3.hash`` of a str)
+    does; encoded here, strictly, because mmh3 handed a str that UTF-8 cannot carry
+    (lone surrogates, which is how bytes that were not UTF-8 decode with surrogate
+    escapes) crashes the process. Such text raises UnicodeEncodeError instead.
+    """
+    key = f"{group_id}:{identifier}".encode()
+    return int(mmh3.hash(key, 0, signed=False)) % modulus + 1
+
+
+def is_utf8_text(text: str) -> bool:
+    """Whether ``text`` encodes to UTF-8: no lone surrogates, which is how bytes that were
+    not UTF-8 arrive from a decoder that escapes them (aiohttp's, ``headers.from_wire``).
+    An id that is not is no user id: never bucketed, never handed to murmur3."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def is_enabled(
@@ -40,7 +60,7 @@ def is_enabled(
     if not feature.strategies:
         return True
     context: dict[str, str] = dict(static_context) if static_context else {}
-    if user_id:
+    if user_id and is_utf8_text(user_id):
         context["userId"] = user_id
     return any(_strategy_on(feature, s, context, flags) for s in feature.strategies)
 
@@ -80,19 +100,24 @@ def _strategy_on(
     if strategy.name == "gradualRolloutUserId":
         percentage = _percentage(strategy)
         group_id = params.get("groupId", "")
-        return (
-            user_id is not None
-            and percentage > 0
-            and normalized_hash(user_id, group_id) <= percentage
-        )
+        return user_id is not None and percentage > 0 and _bucket(user_id, group_id) <= percentage
     if strategy.name == "flexibleRollout":
         stickiness = params.get("stickiness", "default") or "default"
         if stickiness not in ("default", "userId") or user_id is None:
             return False
         percentage = _percentage(strategy)
         group_id = params.get("groupId") or feature.name
-        return percentage > 0 and normalized_hash(user_id, group_id) <= percentage
+        return percentage > 0 and _bucket(user_id, group_id) <= percentage
     return False
+
+
+def _bucket(user_id: str, group_id: str) -> int:
+    # A group id UTF-8 cannot carry (the user id was checked) buckets nobody: 101 is
+    # above every percentage, so the strategy is off, as for a user without an id.
+    try:
+        return normalized_hash(user_id, group_id)
+    except UnicodeEncodeError:
+        return 101
 
 
 def _percentage(strategy: Strategy) -> int:

@@ -23,7 +23,7 @@ from UnleashClient.constants import FEATURES_URL
 from UnleashClient.utils import InstanceAllowType
 
 from flags.document import FlagsDocumentError, FlagSet, parse_flags
-from flags.evaluation import rollout_percent
+from flags.evaluation import is_utf8_text, rollout_percent
 from flags.file import read_flags
 
 log = logging.getLogger("strangler.flags")
@@ -127,10 +127,11 @@ class UnleashFlagProvider:
         await asyncio.to_thread(self._client.destroy)
 
     def is_enabled(self, flag: str, user_id: str) -> bool:
-        context = {**self.static_context, "userId": user_id} if user_id else None
-        if context is None:
+        # The SDK hands the id to mmh3 as a str, which crashes the process on text UTF-8
+        # cannot carry: such an id is no id (off, as without one), never the SDK's.
+        if not user_id or not is_utf8_text(user_id):
             return False
-        return bool(self._client.is_enabled(flag, context))
+        return bool(self._client.is_enabled(flag, {**self.static_context, "userId": user_id}))
 
     def rollout_percent(self, flag: str) -> float:
         return rollout_percent(self.flags, flag)

@@ -22,6 +22,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from flags.evaluation import is_utf8_text
 from flags.file import FileFlagProvider
 from flags.provider import FlagProvider
 from flags.unleash import UnleashFlagProvider
@@ -77,7 +78,11 @@ def build_upgrade_handler(
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         route = routes.match(request.path)
+        # aiohttp decodes what is not UTF-8 with surrogate escapes: such an id is no id
+        # (the listener counted it before handing the connection over).
         user_id = request.headers.get(identity_header) or None
+        if user_id is not None and not is_utf8_text(user_id):
+            user_id = None
         backend = choose_backend(route, user_id, flags.is_enabled)
         if not is_websocket_upgrade(request):
             response: web.StreamResponse = web.json_response(

@@ -20,10 +20,16 @@ def build_handler(proxy: Proxy) -> Handler:
     """
     routes = proxy.routes
     flags = proxy.flags
+    metrics = proxy.metrics
 
     def handle(request: Request) -> Awaitable[None] | None:
         route = routes.match(request.path)
         user_id = request.key or None
+        if request.key_invalid:
+            # Not UTF-8: served as a request without a user id (legacy, relayed as it
+            # came, never bucketed), and counted.
+            label = route.name if route is not None else UNROUTED
+            metrics.increment(metrics.invalid_user_ids, label)
         backend = choose_backend(route, user_id, flags.is_enabled)
         if not request.upgrade:
             return relay_http(request, proxy, route, backend, user_id)

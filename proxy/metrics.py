@@ -146,6 +146,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.invalid_user_ids = Counter(
+            "strangler_invalid_user_ids_total",
+            "Requests whose user id was not UTF-8, served as having none (legacy).",
+            ["route"],
+            registry=r,
+        )
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)

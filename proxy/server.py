@@ -153,6 +153,7 @@ class Request:
         "host",
         "keep_alive",
         "key",
+        "key_invalid",
         "length",
         "method",
         "path",
@@ -204,6 +205,8 @@ class Request:
         self._continue = expect_continue
         self.length = length  # the Content-Length, -1 without one
         self.key: str | None = None  # the server's key header (see HttpServer)
+        # The key header's first value was not UTF-8: no key (see HttpServer).
+        self.key_invalid = False
         target = from_wire(raw_target)
         if target[0] != "/" and target.startswith(("http://", "https://")):
             # Absolute form: the authority names the host, the rest is the target (a
@@ -492,6 +495,7 @@ class _Connection(asyncio.Protocol):
         "_idle_since",
         "_in_head",
         "_key",
+        "_key_invalid",
         "_length",
         "_named_connection",
         "_named_upgrade",
@@ -528,6 +532,7 @@ class _Connection(asyncio.Protocol):
         self._named_connection = False
         self._named_upgrade = False
         self._key: str | None = None
+        self._key_invalid = False
         self._fields = server.fields
         self._read_size = 0
         self._idle_since = self.loop.time()
@@ -650,8 +655,13 @@ class _Connection(asyncio.Protocol):
         if kind is None:
             kind = self._server.field(name)
         if kind:
-            if kind & _KEY and self._key is None:
-                self._key = from_wire(value)
+            if kind & _KEY and self._key is None and not self._key_invalid:
+                # Only UTF-8 is an id: any other bytes count as no id at all (see
+                # Request.key_invalid), never as text that carries them as surrogates.
+                try:
+                    self._key = value.decode()
+                except UnicodeDecodeError:
+                    self._key_invalid = True
             if kind & _HOST:
                 if self._host is None:
                     self._host = from_wire(value)
@@ -701,11 +711,13 @@ class _Connection(asyncio.Protocol):
             self._length,
         )
         request.key = self._key
+        request.key_invalid = self._key_invalid
         self._url = []
         self._headers = []
         self._in_head = False
         self._head_fed = 0
         self._host = self._key = None
+        self._key_invalid = False
         self._expect = False
         self._length = -1
         self._named_connection = False
@@ -1017,7 +1029,8 @@ class HttpServer:
         key_header: str | None = None,
     ) -> None:
         """``key_header``: a header whose first value every request carries as ``key``
-        (the user id, for a proxy that routes by it), picked up while parsing."""
+        (the user id, for a proxy that routes by it), picked up while parsing; a value
+        that is not UTF-8 is no key (None), and sets the request's ``key_invalid``."""
         self.handler = handler
         self.key_header = key_header.lower().encode("latin-1") if key_header else b""
         # Request header name, as spelt -> what it is to the parser callbacks (_KEY...).
