@@ -39,6 +39,13 @@ import httptools
 import orjson
 
 from proxy.headers import COMMON_METHODS, as_text, from_wire, http_version, length_line, to_wire
+from proxy.request_head import (
+    LLHTTP_BAD_VERSION,
+    BadHead,
+    absolute_target,
+    check_version,
+    host_of,
+)
 
 log = logging.getLogger("strangler.server")
 
@@ -93,6 +100,23 @@ def _reason(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return ""
+
+
+# A Host header's value -> its text, for values found valid (a client sends one value
+# on every request of a connection, and few clients are many hosts): up to a bound.
+_HOSTS: Final[dict[bytes, str]] = {}
+_HOSTS_MAX: Final = 1024
+
+
+def _checked_host(value: bytes) -> str:
+    """A Host value as text, checked (see request_head.host_of), or _Refused (400)."""
+    try:
+        host = host_of(value)
+    except BadHead as bad:
+        raise _Refused(bad.status, str(bad)) from None
+    if len(_HOSTS) < _HOSTS_MAX:
+        _HOSTS[value] = host
+    return host
 
 
 # Status -> (reason, status line) of the last reason seen with it: keyed by the int alone,
@@ -208,23 +232,20 @@ class Request:
         # The key header's first value was not UTF-8: no key (see HttpServer).
         self.key_invalid = False
         target = from_wire(raw_target)
-        if target[0] != "/" and target.startswith(("http://", "https://")):
-            # Absolute form: the authority names the host, the rest is the target (a
-            # query straight after the authority belongs to the path "/").
-            rest = target.partition("://")[2]
-            end = len(rest)
-            for mark in "/?":
-                at = rest.find(mark)
-                if at != -1 and at < end:
-                    end = at
-            authority, tail = rest[:end], rest[end:]
-            host = authority or host
-            target = tail if tail.startswith("/") else "/" + tail
-            # The target for an upstream request line: as text when made here, else the
-            # client's own bytes, which llhttp checked (see UpstreamPool.start).
-            self.wire_target: str | bytes = target
-        else:
-            self.wire_target = raw_target
+        # The target for an upstream request line: the client's own bytes, which llhttp
+        # checked (see UpstreamPool.start), or, from an absolute-form target, its path
+        # and query as text.
+        self.wire_target: str | bytes = raw_target
+        if target[0] != "/":
+            # Absolute form (its authority names the host, valid or refused) or "*";
+            # anything else is refused (a parser callback: the answer is a 400).
+            try:
+                authority, target = absolute_target(target, method)
+            except BadHead as bad:
+                raise _Refused(bad.status, str(bad)) from None
+            if authority is not None:
+                host = authority
+                self.wire_target = target
         self.host = host
         self.target = target
         path = target.partition("?")[0]
@@ -473,10 +494,15 @@ class Request:
         return b"".join((line, block, framing, connection, b"\r\n", data))
 
     def raw_head(self) -> bytes:
-        """The request head as it came (names and values as sent)."""
-        lines = [f"{self.method} {self.target} HTTP/{self.version}\r\n"]
-        head = to_wire("".join(lines))
-        return head + b"".join([b"%b: %b\r\n" % pair for pair in self.raw_headers]) + b"\r\n"
+        """The request head as it came (names and values as sent), but for the target,
+        always a path (an absolute-form target's authority becomes the Host)."""
+        head = to_wire(f"{self.method} {self.target} HTTP/{self.version}\r\n")
+        host = to_wire(self.host) if self.host is not None else None
+        lines = [
+            b"%b: %b\r\n" % (name, host if host is not None and name.lower() == b"host" else value)
+            for name, value in self.raw_headers
+        ]
+        return head + b"".join(lines) + b"\r\n"
 
 
 class _Connection(asyncio.Protocol):
@@ -591,7 +617,10 @@ class _Connection(asyncio.Protocol):
                 log.exception("request parsing failed", exc_info=refused)
                 self._refuse(400, "malformed request")
         except httptools.HttpParserError as exc:
-            self._refuse(400, f"malformed request: {exc}")
+            if str(exc) == LLHTTP_BAD_VERSION:
+                self._refuse(505, "only HTTP/1.1 and HTTP/1.0 are served here")
+            else:
+                self._refuse(400, f"malformed request: {exc}")
 
     def eof_received(self) -> bool | None:
         # A client that closes its side has gone away as far as a proxy can tell (a
@@ -663,8 +692,12 @@ class _Connection(asyncio.Protocol):
                 except UnicodeDecodeError:
                     self._key_invalid = True
             if kind & _HOST:
-                if self._host is None:
-                    self._host = from_wire(value)
+                if self._host is not None:
+                    raise _Refused(400, "more than one Host header")
+                host = _HOSTS.get(value)
+                if host is None:
+                    host = _checked_host(value)
+                self._host = host
             elif kind & _EXPECT:
                 self._expect = value.strip().lower() == b"100-continue"
             elif kind & _LENGTH:
@@ -699,6 +732,13 @@ class _Connection(asyncio.Protocol):
             raise _Refused(405, "CONNECT is not served here")
         keep_alive = parser.should_keep_alive()
         version = http_version(parser, keep_alive, self._named_connection)
+        if version != "1.1":
+            try:
+                check_version(version)  # llhttp reads HTTP/0.9 and HTTP/2.0 heads too
+            except BadHead as bad:
+                raise _Refused(bad.status, str(bad)) from None
+        elif self._host is None:
+            raise _Refused(400, "an HTTP/1.1 request needs a Host header")
         request = Request(
             self,
             method,
@@ -774,6 +814,11 @@ class _Connection(asyncio.Protocol):
         websocket = request.method == "GET" and (request.header("upgrade") or "").lower() == (
             "websocket"
         )
+        if websocket and request.version != "1.1":
+            # RFC 6455 section 4.1: a handshake is HTTP/1.1 (which also makes its Host
+            # required, the one X-Forwarded-Host comes from).
+            self._refuse(400, "a WebSocket handshake is an HTTP/1.1 request")
+            return
         if websocket:
             request.rest = rest
             request._end()
@@ -931,7 +976,8 @@ class _Connection(asyncio.Protocol):
                 active._bad = detail
                 active._wake()
             return
-        body = orjson.dumps({"error": "bad_request", "detail": detail})
+        error = "http_version_not_supported" if status == 505 else "bad_request"
+        body = orjson.dumps({"error": error, "detail": detail})
         head = (
             f"HTTP/1.1 {status} {_reason(status)}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
