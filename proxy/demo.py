@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import random
+import secrets
 import shutil
 import socket
 import statistics
@@ -682,7 +683,9 @@ def demo_settings(legacy_url: str, candidate_url: str, workdir: Path) -> Setting
     return Settings.model_validate(
         dict(
             server={"host": "127.0.0.1", "port": 0, "shutdown_grace": 2.0},
-            admin={"host": "127.0.0.1", "port": 0},
+            # The divergences carry payloads and user ids: even the demo's need a token,
+            # one of its own, printed with their URL.
+            admin={"host": "127.0.0.1", "port": 0, "token": secrets.token_urlsafe(16)},
             backends={"legacy": legacy_url, "candidate": candidate_url},
             flags={"provider": "file", "file": workdir / "flags.json", "poll_interval": 0.2},
             divergences={"path": workdir / "divergences.sqlite3"},
@@ -729,6 +732,9 @@ async def run_demo(
             print(f"admin                {server.admin_url}", file=out)
             print(f"metrics              {server.admin_url}/metrics", file=out)
             print(f"divergences          {server.admin_url}/api/divergences", file=out)
+            token = settings.admin.token
+            assert token is not None
+            print(f"admin token          {token.get_secret_value()}", file=out)
             print(f"flags file           {flags_path}", file=out)
             demo = Demo(server.proxy, server.proxy_url, server.admin_url, users)
             demo.answer_gap = _SLOWEST_SHADOW_LAG * time_scale + _SCHEDULING_ROOM

@@ -28,6 +28,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
 from proxy import __version__, build
+from proxy.admin import token_guard
 from proxy.divergence_store import DivergenceStore, add_divergence_routes
 from proxy.settings import Settings
 
@@ -99,7 +100,7 @@ class Supervisor:
         )
 
     async def _start_admin(self) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[token_guard(self.settings.admin.token)])
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)

@@ -42,6 +42,10 @@ def write_flags(path: Path, document: Mapping[str, Any]) -> Path:
     return path
 
 
+ADMIN_TOKEN = "test-token"
+ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}  # what the admin views ask for
+
+
 def make_settings(
     legacy: str,
     candidate: str,
@@ -52,7 +56,7 @@ def make_settings(
 ) -> Settings:
     return Settings(
         server={"host": "127.0.0.1", "port": 0, **(server or {})},
-        admin={"host": "127.0.0.1", "port": 0, "token": "test-token"},
+        admin={"host": "127.0.0.1", "port": 0, "token": ADMIN_TOKEN},
         backends={"legacy": legacy, "candidate": candidate},
         flags={"provider": "file", "file": flags_file, "poll_interval": 0.05},
         routes=list(routes),

@@ -15,7 +15,7 @@ from proxy.app import ProxyServer
 from proxy.context import Proxy
 from proxy.dispatcher import KNOBS_KEY, STATS_KEY, Knobs, Stats, build_app, plan_turn
 from proxy.settings import Settings
-from tests.proxy_harness import flags_document, running_proxy, write_flags
+from tests.proxy_harness import ADMIN_TOKEN, flags_document, running_proxy, write_flags
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 FLAG = "ssot-dispatcher"
@@ -97,7 +97,7 @@ async def shadow_stack(
     settings = Settings.model_validate(
         {
             "server": {"host": "127.0.0.1", "port": 0},
-            "admin": {"host": "127.0.0.1", "port": 0},
+            "admin": {"host": "127.0.0.1", "port": 0, "token": ADMIN_TOKEN},
             "backends": {
                 "legacy": f"http://127.0.0.1:{legacy_server.port}",
                 "candidate": f"http://127.0.0.1:{candidate_server.port}",

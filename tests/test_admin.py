@@ -7,13 +7,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from flags.file import FileFlagProvider
+from proxy.admin import authorized
 from proxy.app import ProxyServer
+from proxy.settings import Settings
 from tests.proxy_harness import ROUTES, flags_document, make_settings, running_proxy, write_flags
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
@@ -223,3 +226,80 @@ async def test_metrics_count_real_traffic_without_user_ids_in_labels(
         == 1
     )
     assert "user-" not in after_text, after_text
+
+
+# --- the token ---------------------------------------------------------------------------
+
+TOKEN = "s3cret-admin-token"
+
+
+@pytest.mark.parametrize(
+    ("path", "authorization", "token", "allowed"),
+    [
+        ("/healthz", None, TOKEN, True),
+        ("/readyz", None, TOKEN, True),
+        ("/metrics", None, None, True),
+        ("/api/divergences", f"Bearer {TOKEN}", TOKEN, True),
+        ("/api/divergences", f"bearer  {TOKEN} ", TOKEN, True),  # the scheme ignores case
+        ("/api/divergences", None, TOKEN, False),
+        ("/api/divergences", "", TOKEN, False),
+        ("/api/divergences", "Bearer", TOKEN, False),
+        ("/api/divergences", f"Basic {TOKEN}", TOKEN, False),
+        ("/api/divergences", "Bearer wrong", TOKEN, False),
+        ("/api/divergences", f"Bearer {TOKEN}x", TOKEN, False),
+        ("/api/divergences", f"Bearer {TOKEN[:-1]}", TOKEN, False),
+        ("/api/divergences", "Bearer \udcff", TOKEN, False),  # not UTF-8 on the wire
+        ("/api/divergences", "Bearer anything", None, False),  # no token: closed
+        ("/api/divergences", "Bearer ", "", False),
+        ("/api/audit", f"Bearer {TOKEN}", TOKEN, True),  # every other path: the token
+        ("/api/routes", None, TOKEN, False),
+        ("/healthz/", None, TOKEN, False),
+        ("/HEALTHZ", None, TOKEN, False),
+    ],
+)
+def test_only_health_readiness_and_metrics_are_open_without_the_bearer_token(
+    path: str, authorization: str | None, token: str | None, allowed: bool
+) -> None:
+    assert (authorized(path, authorization, token) is None) is allowed
+
+
+def settings_with_store(url: str, flags: Path, tmp_path: Path, token: str | None) -> Settings:
+    return Settings(
+        server={"host": "127.0.0.1", "port": 0},
+        admin={"host": "127.0.0.1", "port": 0, **({"token": token} if token else {})},
+        backends={"legacy": url, "candidate": url},
+        flags={"provider": "file", "file": flags},
+        divergences={"path": tmp_path / "divergences.sqlite3"},
+        # A route that compares: the divergences have a store to be read from.
+        routes=[*ROUTES, {**ROUTES[2], "name": "shadowed", "path": "/shadowed", "shadow": 1.0}],
+    )
+
+
+@pytest.mark.parametrize(
+    ("configured", "sent", "status"),
+    [
+        pytest.param(TOKEN, {}, 401, id="no-header"),
+        pytest.param(TOKEN, {"Authorization": "Bearer nope"}, 401, id="wrong-token"),
+        pytest.param(TOKEN, {"Authorization": f"Basic {TOKEN}"}, 401, id="wrong-scheme"),
+        pytest.param(None, {"Authorization": "Bearer x"}, 401, id="none-configured"),
+        pytest.param(TOKEN, {"Authorization": f"Bearer {TOKEN}"}, 200, id="the-token"),
+    ],
+)
+async def test_divergences_need_the_admin_token_and_health_readiness_metrics_do_not(
+    tmp_path: Path, configured: str | None, sent: dict[str, str], status: int
+) -> None:
+    flags = write_flags(tmp_path / "flags.json", flags_document())
+    settings = settings_with_store("http://127.0.0.1:9", flags, tmp_path, configured)
+    async with running_proxy(settings) as proxy, aiohttp.ClientSession() as client:
+        async with client.get(proxy.admin_url + "/api/divergences", headers=sent) as resp:
+            assert resp.status == status
+            body = await resp.json()
+            if status == 401:
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+                assert body["error"] == "unauthorized" and body["detail"]
+                assert TOKEN not in str(body)
+            else:
+                assert body == {"divergences": []}
+        for path in ("/healthz", "/readyz", "/metrics"):
+            async with client.get(proxy.admin_url + path) as resp:
+                assert resp.status == 200, path

@@ -50,6 +50,7 @@ def test_the_demo_prints_the_proxy_metrics_and_divergence_urls(text: str) -> Non
     _line(text, r"^proxy\s+http://127\.0\.0\.1:\d+$")
     _line(text, r"^metrics\s+http://127\.0\.0\.1:\d+/metrics$")
     _line(text, r"^divergences\s+http://127\.0\.0\.1:\d+/api/divergences$")
+    _line(text, r"^admin token\s+\S{16,}$")  # the divergences need it
 
 
 def test_the_rollout_moves_new_work_to_the_candidate_step_by_step(text: str) -> None:

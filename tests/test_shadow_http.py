@@ -9,6 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.proxy_harness import ADMIN_AUTH
 from tests.shadow_harness import TOOL_PROMPT, ServerFactory, shadow_stack
 
 PATHS = {"stream": "/api/agent/stream", "sse": "/api/agent/sse", "run": "/api/agent/run"}
@@ -111,7 +112,8 @@ async def test_a_dropped_event_is_reported_as_missing_and_breaks_the_contract(
             await stack.settle()
             await stack.proxy.store.flush()  # type: ignore[union-attr]
             async with client.get(
-                stack.server.admin_url + f"/api/divergences?route={route}&limit=5"
+                stack.server.admin_url + f"/api/divergences?route={route}&limit=5",
+                headers=ADMIN_AUTH,
             ) as resp:
                 stored = (await resp.json())["divergences"]
         assert (status, backend) == (200, "legacy")

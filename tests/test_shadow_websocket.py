@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.app import ProxyServer
 from proxy.settings import Settings
-from tests.proxy_harness import flags_document, write_flags
+from tests.proxy_harness import ADMIN_AUTH, ADMIN_TOKEN, flags_document, write_flags
 from tests.shadow_harness import TOOL_PROMPT, ServerFactory, Stack, shadow_stack
 
 TAGGED_CONTRACT = "agent_started agent_thinking agent_completed"
@@ -48,7 +48,7 @@ def tagged_settings(legacy: str, candidate: str, flags: Path, **route: object) -
     return Settings.model_validate(
         {
             "server": {"host": "127.0.0.1", "port": 0},
-            "admin": {"host": "127.0.0.1", "port": 0},
+            "admin": {"host": "127.0.0.1", "port": 0, "token": ADMIN_TOKEN},
             "backends": {"legacy": legacy, "candidate": candidate},
             "flags": {"provider": "file", "file": flags},
             "divergences": {"path": flags.parent / "divergences.sqlite3"},
@@ -329,7 +329,9 @@ async def test_a_backend_that_fails_mid_turn_has_the_turn_compared_as_an_error_a
                 assert closing.type is WSMsgType.CLOSE and closing.data == 1011
             await stack.settle()
             await stack.proxy.store.flush()  # type: ignore[union-attr]
-            async with client.get(stack.server.admin_url + "/api/divergences?route=agent") as resp:
+            async with client.get(
+                stack.server.admin_url + "/api/divergences?route=agent", headers=ADMIN_AUTH
+            ) as resp:
                 (record,) = (await resp.json())["divergences"]
         assert stack.sample("strangler_comparisons_total", route="agent", outcome="mismatch") == 1
         assert stack.sample("strangler_divergences_total", route="agent", kind="error") == 1

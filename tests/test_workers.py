@@ -145,3 +145,19 @@ async def test_a_worker_that_dies_is_started_again(supervisor: StranglerProcess)
         async with client.get(supervisor.proxy_url + "/api/x") as resp:
             assert resp.status == 200
     assert any("exited with -9; starting it again" in line for line in supervisor.log)
+
+
+async def test_the_supervisors_admin_listener_keeps_divergences_behind_the_token(
+    supervisor: StranglerProcess,
+) -> None:
+    # This configuration sets no [admin] token: the divergences stay closed to everyone.
+    async with aiohttp.ClientSession() as client:
+        await wait_ready(client, supervisor.admin_url)
+        for sent in ({}, {"Authorization": "Bearer guess"}):
+            async with client.get(supervisor.admin_url + "/api/divergences", headers=sent) as resp:
+                assert resp.status == 401
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+                assert (await resp.json())["error"] == "unauthorized"
+        for path in ("/healthz", "/readyz", "/metrics"):
+            async with client.get(supervisor.admin_url + path) as resp:
+                assert resp.status == 200, path
