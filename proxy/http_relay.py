@@ -61,6 +61,20 @@ def error_body(
     return [("Content-Type", "application/json"), ("X-Strangler-Backend", backend.value)], body
 
 
+# A backend failure as its error body tells it: by the backend's role, whatever the
+# exception said (an upstream error names the backend's host and port).
+_FAILURES: Final = {
+    "backend_unreachable": "cannot be reached",
+    "backend_timeout": "did not answer in time",
+    "backend_error": "failed to answer",
+}
+
+
+def failure_detail(error: str, backend: Backend) -> str:
+    """The client's text for a backend failure: the role that failed, and how."""
+    return f"the {backend.value} backend {_FAILURES.get(error, 'failed')}"
+
+
 def respond_error(
     request: Request, status: int, error: str, detail: str, backend: Backend, route: str
 ) -> None:
@@ -334,8 +348,11 @@ class _Exchange:
         return outcome
 
     def _fail(self, status: int, error: str, detail: str, outcome: Outcome) -> Outcome:
+        # The log keeps what happened (the backend's address with it); the client is
+        # told which role failed, never where the backend lives.
         log.warning("route %s backend %s: %s (%s)", self.label, self.backend, error, detail)
-        respond_error(self.request, status, error, detail, self.backend, self.label)
+        told = failure_detail(error, self.backend)
+        respond_error(self.request, status, error, told, self.backend, self.label)
         return outcome
 
     def _kept(self, frames: list[bytes], now: float) -> list[bytes]:

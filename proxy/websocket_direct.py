@@ -250,7 +250,8 @@ async def relay_websocket_direct(
         transport, rest = request.detach()
         transport.write(_switching(key, None, backend))
         session.attach(transport, rest, None, b"")
-        session.close_now(failure.code, str(failure).encode()[:120])
+        # Every reason starts "backend ...": told by role, never by address.
+        session.close_now(failure.code, f"{backend.value} {failure}".encode()[:120])
         return
     transport, rest = request.detach()
     transport.write(_switching(key, chosen, backend))

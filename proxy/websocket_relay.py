@@ -114,7 +114,8 @@ async def relay_websocket(
         assert failure is not None
         code, reason, outcome = failure
         log.warning("route %s backend %s: websocket %s", route, backend, reason)
-        await client.close(code=code, message=reason.encode()[:120])
+        # Every reason starts "backend ...": told by role, never by address.
+        await client.close(code=code, message=f"{backend.value} {reason}".encode()[:120])
         proxy.metrics.count_request(route, backend.value, "primary", outcome.value)
         return client
 

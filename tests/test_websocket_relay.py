@@ -243,7 +243,7 @@ async def test_a_backend_that_never_completes_the_handshake_closes_the_client_wi
                 msg = await ws.receive()
                 assert msg.type is WSMsgType.CLOSE
                 assert msg.data == 1011
-                assert msg.extra == "backend timeout"
+                assert msg.extra == "legacy backend timeout"
     finally:
         for writer in accepted:
             writer.close()
