@@ -221,6 +221,10 @@ def upstream_request_headers(
 ) -> Headers:
     """The client's request headers as the backend should see them.
 
+    ``host`` becomes ``X-Forwarded-Host``: the listener's checked authority (see
+    ``proxy.request_head``), never a client's header copied unchecked (the client's own
+    ``X-Forwarded-Host`` is dropped with the other forwarding headers).
+
     Content-Length goes too: the body is relayed whole and framed anew. With
     ``websocket`` the handshake headers go as well: the upstream client performs its own
     handshake; only the subprotocol offer is carried over (separately), never the

@@ -8,10 +8,13 @@ never reach the backend; accepted ones carry a checked ``X-Forwarded-Host``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from proxy.app import ProxyServer
 from proxy.request_head import BadHead, absolute_target, check_version, host_of, valid_authority
+from tests.proxy_harness import ROUTES, flags_document, make_settings, running_proxy, write_flags
 from tests.raw_http import Backend, bounded, connect, read_head
 
 # The ``backend`` and ``proxy`` fixtures: pytest finds them among this module's names.
@@ -308,3 +311,20 @@ async def test_an_http_version_the_proxy_does_not_speak_is_a_505(
 ) -> None:
     raw = head(kind, "Host: proxy.test", *connection, version=version)
     await assert_refused(proxy, backend, raw, expected)
+
+
+async def test_a_watched_websocket_session_gets_the_absolute_form_authority_as_its_host(
+    backend: Backend, tmp_path: Path
+) -> None:
+    # A watched session is handed to aiohttp's server with its head: the head it gets
+    # carries the authority that won as its Host.
+    watched = {**ROUTES[0], "name": "watched", "path": "/ws/watched", "shadow": 1.0}
+    flags = write_flags(tmp_path / "flags.json", flags_document(rollout=0))
+    settings = make_settings(backend.url, backend.url, flags, routes=[watched])
+    raw = head("websocket", "Host: proxy.test", target="http://other.test:8080/ws/watched/x")
+    async with running_proxy(settings) as proxy:
+        status, _ = await answer(proxy, raw)
+    assert status == 101
+    (seen,) = [s for s in backend.seen if "X-Strangler-Shadow" not in s.headers]
+    assert seen.path_qs == "/ws/watched/x"
+    assert seen.headers.getall("X-Forwarded-Host") == ["other.test:8080"]
