@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import select
 import socket
 import ssl
 from collections import deque
@@ -90,6 +91,80 @@ _HEAD: Final = 1  # request written, waiting for the final response head
 _BODY: Final = 2  # head delivered, body arriving
 _DONE: Final = 3  # the whole response arrived
 
+# What bytes from the server are, by the phase of the connection they arrive in.
+PART: Final = 0  # part of the response a request is waiting for
+SURPLUS: Final = 1  # after a complete response: the server and the pool disagree on framing
+UNSOLICITED: Final = 2  # no request outstanding: nobody asked for them
+
+# What a response head is, by its status, to a request that asked for no upgrade.
+FINAL: Final = 0
+INTERIM: Final = 1  # 100 Continue, 103 Early Hints: the final head follows
+SWITCHED: Final = 2  # 101: another protocol nobody asked for
+
+# A connection the server closed reads as readable too; that is the keep-alive race,
+# not bytes nobody asked for.
+_HUNG_UP: Final = select.POLLHUP | getattr(select, "POLLRDHUP", 0)
+
+
+# -- the decisions: whether a connection is clean enough to carry another request ----------
+#
+# A response on HTTP/1.1 names no request: it answers the oldest unanswered one. The pool
+# never pipelines, so a connection carries a request only when nothing is outstanding on
+# it; anything the server sends beyond the response to that request means the server and
+# the pool no longer agree on which response answers which request, and the connection is
+# never used again. These functions decide; the connection below carries them out.
+
+
+def bytes_are(phase: int) -> int:
+    """What bytes arriving in ``phase`` are: PART of the awaited response, SURPLUS after
+    a complete one, or UNSOLICITED on a connection with no request outstanding. Surplus
+    and unsolicited bytes condemn the connection; only surplus leaves an exchange whose
+    response they followed (that response stands: it was whole before they came)."""
+    if phase in (_HEAD, _BODY):
+        return PART
+    return SURPLUS if phase == _DONE else UNSOLICITED
+
+
+def head_is(status: int) -> int:
+    """A head with ``status`` is FINAL, INTERIM (1xx, the real head follows) or SWITCHED
+    (101: the pool asks for no upgrade, so the bytes after it are another protocol)."""
+    if status >= 200:
+        return FINAL
+    return SWITCHED if status == 101 else INTERIM
+
+
+def keeps_alive(
+    version: str, said_close: bool, said_keep_alive: bool, eof_body: bool, close_requested: bool
+) -> bool:
+    """Whether the connection may stay open after a response: HTTP/1.1 unless it said
+    close, HTTP/1.0 only if it said keep-alive, and never when the body is framed by the
+    close (whatever the head claims: the end of such a body is the end of the connection)
+    or the request asked to close."""
+    if eof_body or close_requested or said_close:
+        return False
+    if version == "1.1":
+        return True
+    return version == "1.0" and said_keep_alive
+
+
+def reusable(
+    phase: int, failed: bool, keep_alive: bool, request_sent: bool, still_open: bool
+) -> bool:
+    """Whether a released connection goes back to the pool: its response arrived whole
+    (``phase`` _DONE) without error, both sides keep it alive, the whole request went out
+    (a server that answered before reading all of the body has not read the rest, and
+    what it makes of it is its own), and nothing condemned or closed it meanwhile
+    (``still_open``)."""
+    return phase == _DONE and not failed and keep_alive and request_sent and still_open
+
+
+def clean_to_send(still_open: bool, closing: bool, readable: bool) -> bool:
+    """Whether a connection out of the pool may carry a request now: still open, and with
+    nothing waiting to be read, neither bytes nobody asked for nor the server's close. Bytes
+    that reached the socket but not yet the parser would otherwise be taken for the answer
+    to the request about to be written."""
+    return still_open and not closing and not readable
+
 
 @dataclass(frozen=True, slots=True)
 class PoolStats:
@@ -98,7 +173,7 @@ class PoolStats:
     opened: int  # connections established since the pool was made
     reused: int  # exchanges that ran on a connection which had served before
     retried: int  # exchanges retried after a reused connection turned out dead
-    discarded: int  # idle connections closed because the server sent unsolicited bytes
+    discarded: int  # connections closed for bytes no request asked for (see bytes_are)
     connections: int  # open or opening connections, in use or idle
     idle: int
     waiting: int  # requests queued for a connection slot
@@ -365,9 +440,8 @@ class UpstreamResponse:
         conn = self._detach()
         if conn is None:
             return
-        done = conn._phase == _DONE and conn._exc is None
-        self._ended = self._ended or done
-        if done and conn._keep_alive and conn._open:
+        self._ended = self._ended or (conn._phase == _DONE and conn._exc is None)
+        if reusable(conn._phase, conn._exc is not None, conn._keep_alive, conn._sent(), conn._open):
             conn._pool._put_idle(conn)
         else:
             conn._abort()
@@ -431,9 +505,11 @@ class _Connection(asyncio.Protocol):
         "_parser_clean",
         "_paused",
         "_phase",
+        "_poller",
         "_pool",
         "_pooled",
         "_reason",
+        "_request_sent",
         "_response",
         "_said_close",
         "_said_keep_alive",
@@ -446,6 +522,7 @@ class _Connection(asyncio.Protocol):
         "_uses",
         "_violation",
         "_waiter",
+        "_with_body",
         "_woken",
         "_write_failed",
     )
@@ -455,6 +532,7 @@ class _Connection(asyncio.Protocol):
         self._origin = origin
         self._loop = loop
         self._transport: asyncio.Transport | None = None
+        self._poller: Any = None  # select.poll on the socket: is anything waiting unread?
         self._open = False
         self._slot = True  # holds one of the pool's max_connections until closed
         self._pooled = False
@@ -500,6 +578,10 @@ class _Connection(asyncio.Protocol):
         self._got_bytes = False
         self._stale = False
         self._write_failed = False
+        # The whole request handed to the transport; with a body, the transport's buffer
+        # must also be empty before the connection is reused (see _sent).
+        self._request_sent = False
+        self._with_body = False
 
     # -- transport callbacks ------------------------------------------------------------
 
@@ -511,6 +593,10 @@ class _Connection(asyncio.Protocol):
             # Heads and small bodies must not wait for Nagle's ACK round trip.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with contextlib.suppress(OSError, ValueError):
+                poller = select.poll()
+                poller.register(sock.fileno(), select.POLLIN | _HUNG_UP)
+                self._poller = poller
 
     def data_received(self, data: bytes) -> None:
         sink = self._sink
@@ -539,23 +625,52 @@ class _Connection(asyncio.Protocol):
             try:
                 self._parser.feed_data(data)
             except httptools.HttpParserUpgrade:
-                self._fail(UpstreamError(f"{self._origin.key} switched protocols"))
-                return
+                error = UpstreamError(f"{self._origin.key} switched protocols")
             except httptools.HttpParserError as exc:
                 error = self._violation or UpstreamError(
                     f"malformed response from {self._origin.key}: {exc}"
                 )
-                self._fail(error)
+            else:
+                if self._phase == _HEAD and self._fed > self._pool._max_head_bytes:
+                    self._fail(self._head_too_large())
                 return
-            if self._phase == _HEAD and self._fed > self._pool._max_head_bytes:
-                self._fail(self._head_too_large())
-        elif phase == _DONE:
-            # Anything after a complete response answers no request of ours: the server
-            # and the pool disagree on framing, so nothing on this connection is trusted.
-            self._fail(UpstreamError(f"{self._origin.key} sent bytes after the response"))
+            if bytes_are(self._phase) == SURPLUS:
+                # The response was whole before the bytes after it came in this read.
+                self._condemn()
+            else:
+                self._fail(error)
         else:
-            self._pool._discarded += 1
-            self._fail(UpstreamError(f"{self._origin.key} sent bytes on an idle connection"))
+            self._condemn()
+
+    def _condemn(self) -> None:
+        """Close the connection for bytes no request asked for (SURPLUS or UNSOLICITED):
+        the server and the pool no longer agree on which response answers which request,
+        so nothing more is sent on it. A response they followed keeps what it got."""
+        self._pool._discarded += 1
+        self._abort()
+        self._wake()
+
+    def _sent(self) -> bool:
+        """Whether the whole request went out: written to the transport, and with a body,
+        gone from its buffer too."""
+        if not self._request_sent:
+            return False
+        transport = self._transport
+        return not self._with_body or transport is None or not transport.get_write_buffer_size()
+
+    def _clean(self) -> bool:
+        """Whether the connection may carry a request now (see clean_to_send)."""
+        transport = self._transport
+        closing = transport is None or transport.is_closing()
+        poller = self._poller
+        readable = False
+        if self._open and not closing and poller is not None:
+            ready = poller.poll(0)
+            if ready:
+                readable = True
+                if not ready[0][1] & _HUNG_UP:
+                    self._pool._discarded += 1  # bytes, not the server's close
+        return clean_to_send(self._open, closing, readable)
 
     def eof_received(self) -> bool | None:
         # Returning None lets the transport close: a half-closed upstream connection is
@@ -596,6 +711,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         if self._phase != _HEAD:
+            # A second response: the read goes no further (see _receive).
             raise self._violate(f"{self._origin.key} sent bytes after the response")
 
     def on_status(self, reason: bytes) -> None:
@@ -631,20 +747,16 @@ class _Connection(asyncio.Protocol):
         parser = self._parser
         status: int = parser.get_status_code()
         if status < 200:
-            if status == 101:
+            if head_is(status) == SWITCHED:
                 raise self._violate(f"{self._origin.key} switched protocols")
-            self._interim = True  # 100 Continue, 103 Early Hints: the real head follows
+            self._interim = True
             return
         version = http_version(parser, parser.should_keep_alive(), self._named_connection)
         no_body = self._head_only or status == 204 or status == 304
         self._eof_body = not no_body and not self._has_length and not self._chunked
-        if version == "1.1":
-            keep_alive = not self._said_close
-        elif version == "1.0":
-            keep_alive = self._said_keep_alive and not self._said_close
-        else:
-            keep_alive = False
-        self._keep_alive = keep_alive and not self._eof_body and not self._close_requested
+        self._keep_alive = keeps_alive(
+            version, self._said_close, self._said_keep_alive, self._eof_body, self._close_requested
+        )
         self._response = UpstreamResponse(
             status,
             from_wire(self._reason),
@@ -663,6 +775,7 @@ class _Connection(asyncio.Protocol):
         if self._phase != _BODY:
             if self._interim:
                 raise self._violate(f"{self._origin.key} sent a body with an interim response")
+            # A body after a HEAD response, which was whole at its head.
             raise self._violate(f"{self._origin.key} sent bytes after the response")
         self._chunks.append(body)
         self._buffered += len(body)
@@ -762,6 +875,8 @@ class _Connection(asyncio.Protocol):
             transport.write(head)
             if body:
                 transport.write(body)
+        self._with_body = bool(body)
+        self._request_sent = True
         now = self._loop.time()
         self._last_rx = now
         self._arm(now + self._pool._read_timeout)
@@ -1024,7 +1139,8 @@ class UpstreamPool:
         head = _block_request_head(place, method, target, header_block, body)
         close = False
         conn = self._pop_idle(place.key)
-        assert conn is not None
+        if conn is None:
+            return None
         self._reused += 1
         conn._sink = sink
         conn._idempotent = method in _IDEMPOTENT
@@ -1092,13 +1208,17 @@ class UpstreamPool:
         return response
 
     def _pop_idle(self, key: str) -> _Connection | None:
+        """The warmest idle connection to ``key`` that is clean to send on; the others
+        met on the way are closed."""
         stack = self._idle.get(key)
-        if not stack:
-            return None
-        conn = stack.pop()  # LIFO: the warmest connection, and the cold ones expire
-        conn._pooled = False
-        self._idle_total -= 1
-        return conn
+        while stack:
+            conn = stack.pop()  # LIFO: the warmest connection, and the cold ones expire
+            conn._pooled = False
+            self._idle_total -= 1
+            if conn._clean():
+                return conn
+            conn._abort()
+        return None
 
     def _put_idle(self, conn: _Connection) -> None:
         if self._closed:
@@ -1180,7 +1300,10 @@ class UpstreamPool:
                         continue
                     handed = await self._wait(None if fresh else place.key, loop)
                     if handed is not None:
-                        return handed
+                        if handed._clean():
+                            return handed
+                        handed._abort()  # its slot goes to the next in line
+                        continue
                     if self._closed:
                         self._free_slot()
                         raise UpstreamError("the upstream pool is closed")

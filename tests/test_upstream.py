@@ -561,15 +561,16 @@ async def test_a_post_on_a_connection_the_server_just_closed_is_not_retried() ->
     assert len(backend.requests) == 2
 
 
-async def test_a_post_whose_write_failed_is_retried_because_nothing_was_sent() -> None:
+async def test_a_post_is_not_written_on_a_connection_closing_in_the_pool() -> None:
     async with Backend() as backend:
         pool = UpstreamPool()
         await drain(await pool.request(backend.origin, "GET", "/", []))
         # White-box: the idle connection's transport closes and the very next request
-        # picks it before the loop has run connection_lost.
+        # comes before the loop has run connection_lost: it is passed over, nothing is
+        # written on it, and no retry is needed.
         pool._idle[backend.origin][-1]._transport.close()  # type: ignore[union-attr]
         assert await drain(await pool.request(backend.origin, "POST", "/", [], b"x")) == b"ok"
-        assert (pool.stats.opened, pool.stats.retried) == (2, 1)
+        assert (pool.stats.opened, pool.stats.retried) == (2, 0)
         await pool.close()
     assert [body for _, body in backend.requests] == [b"", b"x"]
 
@@ -609,9 +610,6 @@ VIOLATIONS = {
     "overflowing chunk size": (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1ffffffffffffffff\r\nhello\r\n"
     ),
-    "a second response in the same write": OK + OK,
-    "garbage after the response": OK + b"HTTP/1.1 200 OK\r\nX-Smuggled: 1",
-    "a body on a 204": b"HTTP/1.1 204 No Content\r\n\r\nsurprise",
     "head over the limit": b"HTTP/1.1 200 OK\r\n" + BIG + b"Content-Length: 2\r\n\r\nok",
     "unterminated header over the limit": b"HTTP/1.1 200 OK\r\n" + BIG,
     "folded header": b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\nok",
@@ -660,17 +658,6 @@ async def test_a_framing_violation_fails_the_exchange_and_the_connection_is_not_
         assert pool.stats.opened == 2
         await pool.close()
     assert backend.connections == 2
-
-
-async def test_a_body_on_a_head_response_is_a_violation() -> None:
-    with_body = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
-    async with Backend(replies(with_body), replies(OK)) as backend:
-        pool = UpstreamPool()
-        with pytest.raises(UpstreamError):
-            await drain(await pool.request(backend.origin, "HEAD", "/", []))
-        assert await drain(await pool.request(backend.origin, "GET", "/", [])) == b"ok"
-        assert pool.stats.opened == 2
-        await pool.close()
 
 
 async def test_bytes_on_an_idle_connection_get_it_discarded() -> None:
@@ -1192,7 +1179,7 @@ ON_UVLOOP: list[Callable[[], Coroutine[Any, Any, None]]] = [
     test_an_idle_connection_the_server_closes_is_dropped_without_a_retry,
     test_a_get_on_a_connection_the_server_just_closed_is_retried_once,
     test_a_post_on_a_connection_the_server_just_closed_is_not_retried,
-    test_a_post_whose_write_failed_is_retried_because_nothing_was_sent,
+    test_a_post_is_not_written_on_a_connection_closing_in_the_pool,
     test_bytes_on_an_idle_connection_get_it_discarded,
     test_a_refused_connection_is_unreachable,
     test_no_response_head_within_the_read_timeout_is_a_timeout,
