@@ -101,9 +101,11 @@ FINAL: Final = 0
 INTERIM: Final = 1  # 100 Continue, 103 Early Hints: the final head follows
 SWITCHED: Final = 2  # 101: another protocol nobody asked for
 
-# A connection the server closed reads as readable too; that is the keep-alive race,
-# not bytes nobody asked for.
-_HUNG_UP: Final = select.POLLHUP | getattr(select, "POLLRDHUP", 0)
+# What a poll of an idle connection's socket asks for: bytes, or the server's close.
+_READABLE: Final = select.POLLIN | getattr(select, "POLLRDHUP", 0)
+# A connection the server closed (or the transport did) polls as ready too; that is the
+# keep-alive race, not bytes nobody asked for.
+_CLOSED: Final = select.POLLHUP | select.POLLERR | select.POLLNVAL | getattr(select, "POLLRDHUP", 0)
 
 
 # -- the decisions: whether a connection is clean enough to carry another request ----------
@@ -158,12 +160,12 @@ def reusable(
     return phase == _DONE and not failed and keep_alive and request_sent and still_open
 
 
-def clean_to_send(still_open: bool, closing: bool, readable: bool) -> bool:
+def clean_to_send(still_open: bool, readable: bool) -> bool:
     """Whether a connection out of the pool may carry a request now: still open, and with
     nothing waiting to be read, neither bytes nobody asked for nor the server's close. Bytes
     that reached the socket but not yet the parser would otherwise be taken for the answer
     to the request about to be written."""
-    return still_open and not closing and not readable
+    return still_open and not readable
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,7 +507,7 @@ class _Connection(asyncio.Protocol):
         "_parser_clean",
         "_paused",
         "_phase",
-        "_poller",
+        "_poll",
         "_pool",
         "_pooled",
         "_reason",
@@ -532,7 +534,8 @@ class _Connection(asyncio.Protocol):
         self._origin = origin
         self._loop = loop
         self._transport: asyncio.Transport | None = None
-        self._poller: Any = None  # select.poll on the socket: is anything waiting unread?
+        # A select.poll's poll, bound, on the socket: is anything waiting unread?
+        self._poll: Callable[[int], list[tuple[int, int]]] | None = None
         self._open = False
         self._slot = True  # holds one of the pool's max_connections until closed
         self._pooled = False
@@ -595,8 +598,8 @@ class _Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with contextlib.suppress(OSError, ValueError):
                 poller = select.poll()
-                poller.register(sock.fileno(), select.POLLIN | _HUNG_UP)
-                self._poller = poller
+                poller.register(sock.fileno(), _READABLE)
+                self._poll = poller.poll
 
     def data_received(self, data: bytes) -> None:
         sink = self._sink
@@ -659,18 +662,17 @@ class _Connection(asyncio.Protocol):
         return not self._with_body or transport is None or not transport.get_write_buffer_size()
 
     def _clean(self) -> bool:
-        """Whether the connection may carry a request now (see clean_to_send)."""
-        transport = self._transport
-        closing = transport is None or transport.is_closing()
-        poller = self._poller
+        """Whether the connection may carry a request now (see clean_to_send). A
+        transport already closing is left to _start, which then writes nothing."""
+        poll = self._poll
         readable = False
-        if self._open and not closing and poller is not None:
-            ready = poller.poll(0)
+        if self._open and poll is not None:
+            ready = poll(0)
             if ready:
                 readable = True
-                if not ready[0][1] & _HUNG_UP:
+                if not ready[0][1] & _CLOSED:
                     self._pool._discarded += 1  # bytes, not the server's close
-        return clean_to_send(self._open, closing, readable)
+        return clean_to_send(self._open, readable)
 
     def eof_received(self) -> bool | None:
         # Returning None lets the transport close: a half-closed upstream connection is
@@ -1308,7 +1310,13 @@ class UpstreamPool:
                         self._free_slot()
                         raise UpstreamError("the upstream pool is closed")
                     break
-                return await self._connect(place, loop)
+                conn = await self._connect(place, loop)
+                if not conn._clean():
+                    # Bytes, or the close, before the first request went out: an answer
+                    # to nothing, which the request about to be written would take.
+                    conn._abort()
+                    raise UpstreamError(f"{place.key} sent bytes before the request")
+                return conn
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"no connection to {place.key} within {self._connect_timeout} s"

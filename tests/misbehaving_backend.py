@@ -2,8 +2,8 @@
 told, misbehaves on the wire: a second response after the first, garbage after it, an
 answer while the connection is idle, interim and switching responses, framing that lies.
 
-Every response names the request it answers (``X-Request-Id`` in the head, ``id=...`` as
-the body), so whoever receives it can tell whether it got its own answer. A forged
+Every response names the request it answers (``X-Request-Id`` in the head, and a JSON
+body ``{"id": ...}``), so whoever receives it can tell whether it got its own answer. A forged
 response names another request this backend served (the latest one on another
 connection), so a response crossed over to the wrong client shows as someone else's id.
 The backend also notes whether a request ever arrived while the one before it on the same
@@ -42,8 +42,12 @@ _ID: Final = re.compile(rb"\r\nx-request-id: *([^\r\n]*)", re.IGNORECASE)
 _LENGTH: Final = re.compile(rb"\r\ncontent-length: *(\d+)", re.IGNORECASE)
 
 
+def answer_body(request_id: bytes) -> bytes:
+    return b'{"id": "%b"}' % request_id
+
+
 def response(request_id: bytes, *, head_only: bool = False, extra: bytes = b"") -> bytes:
-    body = b"id=" + request_id
+    body = answer_body(request_id)
     head = b"HTTP/1.1 200 OK\r\nX-Request-Id: %b\r\n%bContent-Length: %d\r\n\r\n" % (
         request_id,
         extra,
@@ -152,13 +156,13 @@ class Connection(asyncio.Protocol):
                 + response(other)
             )
         elif fault == "length and chunked":
-            body = b"id=" + request_id
+            body = answer_body(request_id)
             transport.write(
                 b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n"
                 b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), len(body), body) + response(other)
             )
         elif fault == "keep-alive but close-framed":
-            body = b"" if head_only else b"id=" + request_id
+            body = b"" if head_only else answer_body(request_id)
             transport.write(b"HTTP/1.1 200 OK\r\nX-Request-Id: %b\r\n\r\n%b" % (request_id, body))
             self._close()
         elif fault == "answer then close":
