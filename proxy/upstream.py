@@ -9,9 +9,12 @@ straight into httptools (llhttp, strict mode), so a request costs one ``transpor
 and, for a small response, one future; the per-connection timer is re-armed lazily so a
 busy connection does not pay for a timer per request. The response body is streamed as
 it arrives with reading paused above a high-water mark, and every framing doubt
-(Content-Length with Transfer-Encoding, duplicate lengths, bad chunks, a short body,
-bytes the server should not have sent) fails the exchange and closes the connection
-rather than risk answering one request with the bytes of another.
+(Content-Length with Transfer-Encoding, duplicate lengths, bad chunks, a short body, a
+101 nobody asked for) fails the exchange and closes the connection rather than risk
+answering one request with the bytes of another. A connection goes back to the pool, and
+out of it, only when it is known to be clean (``reusable``, ``clean_to_send``): bytes
+after a whole response, on an idle connection, or waiting unread in the socket when the
+next request would be written condemn it, and the response they followed stands.
 
 ``request`` is awaited; ``start`` runs an exchange on an idle connection by callbacks to
 a sink instead (no future at all), for a caller that relays as the bytes come. Response
@@ -521,6 +524,7 @@ class _Connection(asyncio.Protocol):
         "_timer",
         "_timer_at",
         "_transport",
+        "_unsent",
         "_uses",
         "_violation",
         "_waiter",
@@ -536,6 +540,8 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         # A select.poll's poll, bound, on the socket: is anything waiting unread?
         self._poll: Callable[[int], list[tuple[int, int]]] | None = None
+        # The transport's get_write_buffer_size, bound: what of the request is not sent.
+        self._unsent: Callable[[], int] | None = None
         self._open = False
         self._slot = True  # holds one of the pool's max_connections until closed
         self._pooled = False
@@ -590,6 +596,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
+        self._unsent = self._transport.get_write_buffer_size
         self._open = True
         sock = self._transport.get_extra_info("socket")
         if sock is not None:
@@ -658,8 +665,8 @@ class _Connection(asyncio.Protocol):
         gone from its buffer too."""
         if not self._request_sent:
             return False
-        transport = self._transport
-        return not self._with_body or transport is None or not transport.get_write_buffer_size()
+        unsent = self._unsent
+        return not self._with_body or unsent is None or not unsent()
 
     def _clean(self) -> bool:
         """Whether the connection may carry a request now (see clean_to_send). A
@@ -751,7 +758,7 @@ class _Connection(asyncio.Protocol):
         if status < 200:
             if head_is(status) == SWITCHED:
                 raise self._violate(f"{self._origin.key} switched protocols")
-            self._interim = True
+            self._interim = True  # 100 Continue, 103 Early Hints: the real head follows
             return
         version = http_version(parser, parser.should_keep_alive(), self._named_connection)
         no_body = self._head_only or status == 204 or status == 304
