@@ -226,6 +226,8 @@ class ProxyServer:
             build_handler(proxy),
             upgrades,
             keepalive_timeout=server.keepalive_timeout,
+            header_timeout=server.header_timeout,
+            body_timeout=server.body_timeout,
             key_header=self.settings.identity.header,
         )
         await self._http.start(proxy_sock)

@@ -1,8 +1,14 @@
 """Relay one HTTP exchange to the chosen backend and stream the answer back (I/O).
 
-The request body is read once, up to the configured limit (413 beyond it), before the
-backend is contacted, so an oversized upload never reaches a backend half-sent, and so
-the same bytes can be replayed to the shadow. The response is relayed as raw bytes
+A request body that came whole with its head is sent with it (and can be replayed to
+the shadow, or on a retry). One still arriving is streamed to the primary as it comes
+(``_Upload``): a backend that takes it slowly stops the reading of the client, so an
+upload costs the proxy a bounded buffer, not its size; a copy is kept for the shadow
+only up to the shadow body cap (beyond it the shadow is dropped, the primary goes on).
+A Content-Length over the limit is a 413 before any backend sees the request; a body
+that passes the limit mid-way, breaks its framing or stalls past the body timeout gets
+413, 400 or 408 (a cut once the response has started), and the upstream connection is
+discarded so that the backend never takes a part for the whole. The response is relayed as raw bytes
 (compressed bodies stay compressed) as the backend sends them, through the lean upstream
 pool of ``proxy.upstream``, to the lean server of ``proxy.server``; ``write`` waits for
 the client to drain, and the upstream reader pauses when its buffer is full, so a slow
@@ -36,7 +42,7 @@ from proxy.headers import SHADOW_HEADER, downstream_response_block, upstream_req
 from proxy.metrics import Outcome
 from proxy.observation import Observation, Recorder
 from proxy.routing import UNROUTED, Backend, Route
-from proxy.server import BadBody, BodyTooLarge, ClientGone, Request
+from proxy.server import BadBody, BodyTimeout, BodyTooLarge, ClientGone, Request
 from proxy.shadow import shadow_backend, shadow_refusal
 from proxy.upstream import (
     UpstreamConnection,
@@ -93,6 +99,69 @@ def outcome_of_status(status: int) -> Outcome:
     return Outcome.SUCCESS
 
 
+class _Upload:
+    """A request body on its way to the primary as it arrives (see ``_Exchange._streamed``).
+
+    ``kept`` holds a copy for the shadow while the body is within ``cap`` bytes (None:
+    no copy, or past the cap). ``error`` says why the client's body failed, if it did.
+    """
+
+    def __init__(self, request: Request, limit: int, cap: int) -> None:
+        self.request = request
+        self.limit = limit
+        self.cap = cap
+        self.kept: list[bytes] | None = [] if cap >= 0 else None
+        self.kept_size = 0
+        self.over_cap = False
+        self.sent = 0
+        self.whole = False
+        self.error: Exception | None = None
+
+    @property
+    def replayable(self) -> bool:
+        """Whether the body can go again on another connection: nothing of it went yet,
+        or all that went is in hand."""
+        return self.sent == 0 or (self.kept is not None and self.kept_size == self.sent)
+
+    async def send(self, conn: UpstreamConnection) -> None:
+        """Stream the body to ``conn``, at the pace the backend takes it; on a retry, what
+        went before goes again first. A client's failure cuts the connection."""
+        try:
+            if self.sent:
+                assert self.kept is not None
+                for piece in self.kept:
+                    conn.send_body(piece)
+                    if conn.body_paused:
+                        await conn.drain_body()
+            while True:
+                data = await self.request.next_body(self.limit)
+                if not data:
+                    break
+                self._keep(data)
+                conn.send_body(data)
+                self.sent += len(data)
+                if conn.body_paused:
+                    await conn.drain_body()
+            conn.end_body()
+            self.whole = True
+        except (BodyTooLarge, BadBody, BodyTimeout, ClientGone) as error:
+            self.error = error
+            conn.cut(f"the client's request body failed: {type(error).__name__}")
+        except UpstreamError:
+            pass  # the connection failed: whoever awaits its answer hears of it
+
+    def _keep(self, data: bytes) -> None:
+        kept = self.kept
+        if kept is None:
+            return
+        self.kept_size += len(data)
+        if self.kept_size > self.cap:
+            self.kept = None
+            self.over_cap = True
+        else:
+            kept.append(data)
+
+
 class _Exchange:
     """One relayed exchange: the primary, and the shadow's hand-off if there is one."""
 
@@ -118,31 +187,24 @@ class _Exchange:
         self.recorder: Recorder | None = None
         self.primary_done: asyncio.Future[Observation] | None = None
         self.first_at: float | None = None  # when the first body bytes came
+        self.upload: _Upload | None = None  # a body streamed as it arrives
 
     async def run(self) -> None:
-        proxy, label, backend = self.proxy, self.label, self.backend
+        proxy = self.proxy
         request = self.request
         outcome = Outcome.CLIENT_CLOSED
         try:
+            limit = proxy.max_body_bytes
             try:
-                body = await request.read_body(proxy.max_body_bytes)
-            except BodyTooLarge:
-                outcome = Outcome.TOO_LARGE
-                limit = proxy.max_body_bytes
-                respond_error(
-                    request,
-                    413,
-                    "request_too_large",
-                    f"request body over {limit} bytes",
-                    backend,
-                    label,
-                )
-                return
-            except BadBody as exc:
-                outcome = Outcome.CLIENT_ERROR
-                respond_error(request, 400, "bad_request", str(exc), backend, label)
+                request.check_body(limit)
+            except (BodyTooLarge, BadBody) as error:
+                outcome = self._refuse_body(error)
                 return
             block = self._upstream_block()
+            body = request.body_at_hand(limit)
+            if body is None:
+                outcome = await self._streamed(block)
+                return
             if self.experiment is not None and self.experiment.watches:
                 self._start_observing(block, body)
             outcome = await self._primary(block, body)
@@ -150,6 +212,27 @@ class _Exchange:
             outcome = Outcome.CLIENT_CLOSED
         finally:
             self._account(outcome)
+
+    def _refuse_body(self, error: Exception) -> Outcome:
+        """The client's body failed: the answer it earns, or a cut once the response
+        has started (a client that went away gets nothing)."""
+        request, proxy = self.request, self.proxy
+        if isinstance(error, ClientGone):
+            return Outcome.CLIENT_CLOSED
+        if isinstance(error, BodyTooLarge):
+            status, code, outcome = 413, "request_too_large", Outcome.TOO_LARGE
+            detail = f"request body over {proxy.max_body_bytes} bytes"
+        elif isinstance(error, BodyTimeout):
+            status, code, outcome = 408, "request_timeout", Outcome.CLIENT_ERROR
+            detail = f"no request body bytes for {proxy.settings.server.body_timeout:g} s"
+        else:
+            status, code, outcome = 400, "bad_request", Outcome.CLIENT_ERROR
+            detail = str(error)
+        if request.started:
+            request.abort()
+        else:
+            respond_error(request, status, code, detail, self.backend, self.label)
+        return outcome
 
     def _account(self, outcome: Outcome) -> None:
         """The exchange is over: count it, with its times, and conclude what it observed."""
@@ -173,14 +256,18 @@ class _Exchange:
 
     # --- observation and shadow -------------------------------------------------------
 
-    def _start_observing(self, block: bytes, body: bytes) -> None:
+    def _start_observing(self, block: bytes, body: bytes | None) -> bool:
+        """Record the primary if the route compares or checks it, and start its shadow
+        if it gets one. With ``body`` None (still arriving) the shadow waits for the
+        whole body (``_shadow_whole``): True if it is to run then."""
         route, experiment = self.route, self.experiment
         assert route is not None and experiment is not None
         settings = route.settings
+        request = self.request
         refusal = shadow_refusal(
             settings,
-            self.request.method,
-            len(body),
+            request.method,
+            len(body) if body is not None else max(request.length, 0),
             self.proxy.settings.shadow.max_body_bytes,
             random.random(),
         )
@@ -188,28 +275,57 @@ class _Exchange:
         target = shadow_backend(settings, self.backend)
         if refusal is None and not shadows.has_room():
             refusal = "shutdown" if shadows.closing else "concurrency"
-        shadowed = refusal is None and shadows.admits(route.name, target)
+        # The breaker is asked when the shadow starts: a probe it grants must run.
+        shadowed = refusal is None and (body is None or shadows.admits(route.name, target))
         if refusal is not None and refusal != "sampled_out":
             shadows.drop(route.name, refusal)
         if not (shadowed or experiment.contract is not None or self.user_field is not None):
-            return
+            return False
         observation = Observation(self.backend, "primary", self.started)
         self.recorder = Recorder(observation, route.protocol, settings.event_type_field)
-        if shadowed:
-            self.primary_done = asyncio.get_running_loop().create_future()
-            request = self.request
-            shadow = _Shadow(
-                self.proxy,
-                route,
-                experiment,
-                target,
-                self.primary_done,
-                (request.method, request.wire_target, block, body),
-            )
-            if self.user_field is not None:
-                shadow.user_id = self.user_id
-            if not shadow.start() and not shadows.spawn(route.name, shadow.run()):
-                self.primary_done = None
+        if not shadowed:
+            return False
+        self.primary_done = asyncio.get_running_loop().create_future()
+        if body is None:
+            return True
+        self._launch_shadow(block, body)
+        return False
+
+    def _shadow_whole(self, block: bytes, upload: _Upload) -> None:
+        """The streamed body has come whole: its shadow starts, or is dropped (counted)."""
+        route = self.route
+        assert route is not None
+        shadows = self.proxy.shadows
+        kept = upload.kept
+        if kept is None:
+            shadows.drop(route.name, "body_too_large")
+            self.primary_done = None  # the primary is concluded alone
+            return
+        if not shadows.has_room():
+            shadows.drop(route.name, "shutdown" if shadows.closing else "concurrency")
+            self.primary_done = None
+            return
+        if not shadows.admits(route.name, shadow_backend(route.settings, self.backend)):
+            self.primary_done = None
+            return
+        self._launch_shadow(block, kept[0] if len(kept) == 1 else b"".join(kept))
+
+    def _launch_shadow(self, block: bytes, body: bytes) -> None:
+        route, experiment, done = self.route, self.experiment, self.primary_done
+        assert route is not None and experiment is not None and done is not None
+        request = self.request
+        shadow = _Shadow(
+            self.proxy,
+            route,
+            experiment,
+            shadow_backend(route.settings, self.backend),
+            done,
+            (request.method, request.wire_target, block, body),
+        )
+        if self.user_field is not None:
+            shadow.user_id = self.user_id
+        if not shadow.start() and not self.proxy.shadows.spawn(route.name, shadow.run()):
+            self.primary_done = None
 
     def _finish_observing(self, outcome: Outcome) -> None:
         recorder, experiment = self.recorder, self.experiment
@@ -245,25 +361,100 @@ class _Exchange:
     # --- the primary exchange ---------------------------------------------------------
 
     async def _primary(self, block: bytes, body: bytes) -> Outcome:
-        proxy, backend, label = self.proxy, self.backend, self.label
+        proxy = self.proxy
         request = self.request
         try:
             upstream = await proxy.pool.request(
-                proxy.backend_urls[backend], request.method, request.wire_target, block, body
+                proxy.backend_urls[self.backend], request.method, request.wire_target, block, body
             )
-        except UpstreamUnreachable as exc:
-            return self._fail(502, "backend_unreachable", str(exc), Outcome.UNREACHABLE)
-        except UpstreamTimeout as timeout:
-            detail = str(timeout) or "no response within the backend timeout"
-            return self._fail(504, "backend_timeout", detail, Outcome.TIMEOUT)
-        except UpstreamError as broken:
-            return self._fail(502, "backend_error", str(broken), Outcome.BROKEN)
+        except UpstreamError as error:
+            return self._upstream_failed(error)
         except ValueError as refused:
             # A request line the upstream client refuses to send: the request itself
             # is malformed.
-            respond_error(request, 400, "bad_request", str(refused), backend, label)
+            respond_error(request, 400, "bad_request", str(refused), self.backend, self.label)
             return Outcome.CLIENT_ERROR
+        return await self._relay(upstream)
 
+    def _upstream_failed(self, error: UpstreamError) -> Outcome:
+        """No response from the backend: 502 or 504."""
+        if isinstance(error, UpstreamUnreachable):
+            return self._fail(502, "backend_unreachable", str(error), Outcome.UNREACHABLE)
+        if isinstance(error, UpstreamTimeout):
+            detail = str(error) or "no response within the backend timeout"
+            return self._fail(504, "backend_timeout", detail, Outcome.TIMEOUT)
+        return self._fail(502, "backend_error", str(error), Outcome.BROKEN)
+
+    async def _streamed(self, block: bytes) -> Outcome:
+        """The primary exchange for a body still arriving: the head goes at once, the
+        body as it comes (``_Upload``), the response is relayed as usual. A connection
+        found closed by the backend (the keep-alive race) is tried again on a new one
+        only if the body can be replayed."""
+        proxy, request = self.proxy, self.request
+        shadowing = False
+        if self.experiment is not None and self.experiment.watches:
+            shadowing = self._start_observing(block, None)
+        upload = self.upload = _Upload(
+            request, proxy.max_body_bytes, proxy.settings.shadow.max_body_bytes if shadowing else -1
+        )
+        origin = proxy.backend_urls[self.backend]
+        loop = asyncio.get_running_loop()
+        sending: asyncio.Task[None] | None = None
+        try:
+            fresh = False
+            while True:
+                try:
+                    conn = await proxy.pool.open(
+                        origin,
+                        request.method,
+                        request.wire_target,
+                        block,
+                        request.length,
+                        fresh=fresh,
+                    )
+                except UpstreamError as error:
+                    return self._upstream_failed(error)
+                except ValueError as refused:
+                    respond_error(
+                        request, 400, "bad_request", str(refused), self.backend, self.label
+                    )
+                    return Outcome.CLIENT_ERROR
+                sending = loop.create_task(self._send(conn, upload, block, shadowing))
+                try:
+                    upstream = await conn.response_head()
+                    break
+                except UpstreamError as error:
+                    if upload.error is None and not fresh and conn.retryable and upload.replayable:
+                        sending.cancel()
+                        await asyncio.wait((sending,))
+                        fresh = True
+                        continue
+                    return self._upstream_failed(error)
+            outcome = await self._relay(upstream)
+            if upload.error is not None and outcome is Outcome.BROKEN:
+                # The client's body failed while the response was under way (cut).
+                return self._refuse_body(upload.error)
+            return outcome
+        finally:
+            if sending is not None and not sending.done():
+                sending.cancel()
+            if shadowing and not upload.whole:
+                # The body never came whole: no shadow; the primary is concluded alone.
+                if upload.over_cap:
+                    proxy.shadows.drop(self.label, "body_too_large")
+                self.primary_done = None
+
+    async def _send(
+        self, conn: UpstreamConnection, upload: _Upload, block: bytes, shadowing: bool
+    ) -> None:
+        await upload.send(conn)
+        if shadowing and upload.whole:
+            self._shadow_whole(block, upload)
+
+    async def _relay(self, upstream: UpstreamResponse) -> Outcome:
+        """Relay the primary's response to the client."""
+        backend, label = self.backend, self.label
+        request = self.request
         recorder = self.recorder
         if recorder is not None:
             recorder.begin(upstream.status)
@@ -348,6 +539,10 @@ class _Exchange:
         return outcome
 
     def _fail(self, status: int, error: str, detail: str, outcome: Outcome) -> Outcome:
+        upload = self.upload
+        if upload is not None and upload.error is not None:
+            # The exchange failed because the client's body did (the upload cut it).
+            return self._refuse_body(upload.error)
         # The log keeps what happened (the backend's address with it); the client is
         # told which role failed, never where the backend lives.
         log.warning("route %s backend %s: %s (%s)", self.label, self.backend, error, detail)

@@ -10,6 +10,14 @@ with a limit, ``Expect: 100-continue``, responses of known length, chunked or
 close-delimited, back-pressure on writes, cancellation of the handler when the client
 goes away, an idle timeout, and a graceful shutdown.
 
+A client is given bounded time and memory: a request head must be whole within
+``header_timeout`` of its start (a new connection's first head: of the connection), a
+body may go no longer than ``body_timeout`` without a byte, else 408 and the connection
+closes. One sweep over the connections checks these deadlines and the idle timeout, so
+an exchange arms no timer of its own. A body is read as the handler takes it
+(``next_body``): reading from the client pauses while more than ``BODY_HIGH`` bytes of it
+wait, and a client held back this way is not timed.
+
 A request is handed to the handler once the read that completed its head is parsed (so
 a body that came with it is whole). The handler answers with an awaitable, run as the
 request's task, or with None when it serves the request by callbacks (``on_events``:
@@ -69,6 +77,8 @@ class ClientWatcher(Protocol):
 MAX_HEAD_BYTES: Final = 64 * 1024
 MAX_HEADERS: Final = 256
 LINGER_SECONDS: Final = 5.0
+# Body bytes waiting for the handler beyond this: reading from the client pauses.
+BODY_HIGH: Final = 64 * 1024
 _WRITE_HIGH: Final = 64 * 1024
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 # What a request header's name is to the parser callbacks, as bits (see HttpServer.field).
@@ -93,6 +103,10 @@ class BadBody(Exception):
 
 class ClientGone(Exception):
     """The client closed the connection."""
+
+
+class BodyTimeout(Exception):
+    """The client sent no body bytes for the body timeout (answer 408)."""
 
 
 def _reason(status: int) -> str:
@@ -169,8 +183,11 @@ class Request:
         "_framing",
         "_head_only",
         "_headers",
+        "_high",
         "_limit",
+        "_pending",
         "_remaining",
+        "_timed_out",
         "_waiter",
         "_watcher",
         "finished",
@@ -221,6 +238,9 @@ class Request:
         self._remaining = -1
         self._body: list[bytes] = []
         self._body_size = 0
+        self._pending = 0  # of the body size: what waits in _body
+        self._high = BODY_HIGH
+        self._timed_out = False  # the body stalled (see _Connection.check)
         self._body_done = False
         self._bad: str | None = None
         self._watcher: ClientWatcher | None = None
@@ -274,6 +294,9 @@ class Request:
         self._body_size += len(data)
         if self._limit < 0 or self._body_size <= self._limit:
             self._body.append(data)
+            self._pending += len(data)
+            if self._pending > self._high:
+                self._conn.hold_body()
         self._wake()
 
     def _end(self) -> None:
@@ -286,8 +309,14 @@ class Request:
             waiter.set_result(None)
 
     def body_at_hand(self, limit: int) -> bytes | None:
-        """The whole body if it has arrived and is within ``limit`` bytes, else None."""
-        if not self._body_done or self._body_size > limit or self._continue:
+        """The whole body if it has arrived and is within ``limit`` bytes, else None
+        (also once ``next_body`` took some of it)."""
+        if (
+            not self._body_done
+            or self._body_size > limit
+            or self._continue
+            or self._pending != self._body_size
+        ):
             return None
         body = self._body
         if len(body) == 1:
@@ -302,12 +331,15 @@ class Request:
         self._limit = limit
         if self._body_size > limit:
             raise BodyTooLarge
-        if self._continue and not self._body_done:
-            self._continue = False
-            self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # Held whole: the limit bounds it, not the mark.
+        self._high = max(limit, BODY_HIGH)
+        self._conn.release_body()
+        self._ask_for_body()
         while not self._body_done:
             if self._bad is not None:
                 raise BadBody(self._bad)
+            if self._timed_out:
+                raise BodyTimeout("no request body bytes within the body timeout")
             if self._conn.lost:
                 raise ClientGone("the client closed the connection")
             self._waiter = self._conn.loop.create_future()
@@ -321,6 +353,60 @@ class Request:
         if len(body) == 1:
             return body[0]
         return b"".join(body)
+
+    async def next_body(self, limit: int) -> bytes:
+        """The body bytes that came since the last call (waiting for some), b"" once the
+        whole body has come. Nothing is kept here: while more than ``BODY_HIGH`` bytes
+        wait for the caller, reading from the client pauses, so a caller that passes the
+        bytes on at its own pace holds the client back. BodyTooLarge once the body
+        passes ``limit`` bytes (at once for a Content-Length over it), BadBody if its
+        framing breaks, BodyTimeout if the client stalled, ClientGone."""
+        if self.length > limit:
+            raise BodyTooLarge
+        self._limit = limit
+        self._ask_for_body()
+        while True:
+            if self._body_size > limit:
+                raise BodyTooLarge
+            body = self._body
+            if body:
+                data = body[0] if len(body) == 1 else b"".join(body)
+                self._body = []
+                self._pending = 0
+                self._conn.release_body()
+                return data
+            if self._body_done:
+                return b""
+            if self._bad is not None:
+                raise BadBody(self._bad)
+            if self._timed_out:
+                raise BodyTimeout("no request body bytes within the body timeout")
+            if self._conn.lost:
+                raise ClientGone("the client closed the connection")
+            self._waiter = self._conn.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def check_body(self, limit: int) -> None:
+        """Raise now what reading the body would raise for what is known already: a
+        Content-Length (or a body) over ``limit`` bytes, broken framing."""
+        if self.length > limit or self._body_size > limit:
+            raise BodyTooLarge
+        if self._bad is not None:
+            raise BadBody(self._bad)
+
+    def _ask_for_body(self) -> None:
+        # A client that sent Expect: 100-continue waits for this before its body.
+        if self._continue and not self._body_done:
+            self._continue = False
+            self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    @property
+    def timed_out(self) -> bool:
+        """Whether the body stalled past the body timeout (the answer is a 408)."""
+        return self._timed_out
 
     # --- the response ---------------------------------------------------------------
 
@@ -510,6 +596,7 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "_active",
+        "_body_held",
         "_discarding",
         "_drain",
         "_eof",
@@ -518,6 +605,7 @@ class _Connection(asyncio.Protocol):
         "_head_fed",
         "_headers",
         "_host",
+        "_idle_reads",
         "_idle_since",
         "_in_head",
         "_key",
@@ -529,12 +617,15 @@ class _Connection(asyncio.Protocol):
         "_queue",
         "_read_size",
         "_reading_paused",
+        "_reads",
         "_request",
         "_server",
         "_task",
         "_timer",
         "_transport",
         "_url",
+        "_watch",
+        "_watch_since",
         "closing",
         "loop",
         "lost",
@@ -561,7 +652,18 @@ class _Connection(asyncio.Protocol):
         self._key_invalid = False
         self._fields = server.fields
         self._read_size = 0
+        # Reads so far, and at the end of the last exchange: the sweep tells an idle
+        # connection from one sending a head, and a body that moves from one that
+        # stalls, by these, without a clock read per request. -1: a new connection,
+        # whose first head is due from the start.
+        self._reads = 0
+        self._idle_reads = -1
         self._idle_since = self.loop.time()
+        # What the sweep saw last (a read count, or a head's idle period as -2 - reads)
+        # and since when.
+        self._watch = -1
+        self._watch_since = 0.0
+        self._body_held = False  # reading paused while the handler is behind on a body
         self._request: Request | None = None  # being parsed
         self._queue: deque[Request] = deque()  # parsed, waiting their turn
         self._active: Request | None = None
@@ -596,6 +698,7 @@ class _Connection(asyncio.Protocol):
         if self._discarding or (self.closing and self._active is None):
             return
         self._read_size = len(data)
+        self._reads += 1
         try:
             self._parser.feed_data(data)
             # Requests are served once the read is parsed, so that a body that came
@@ -849,6 +952,7 @@ class _Connection(asyncio.Protocol):
                 self._reading_paused = False
                 self._transport.resume_reading()
             self._idle_since = self.loop.time()
+            self._idle_reads = self._reads
             return
         request = queue.popleft()
         self._active = request
@@ -1034,18 +1138,95 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    def close_if_idle(self, since: float) -> None:
-        """Close when no exchange is under way and the last ended before ``since`` (a
-        request head still arriving counts as idle: it had that long too)."""
-        if (
-            self._idle_since < since
-            and not self.busy
-            and not self._discarding
-            and self._transport is not None
-            and not self.lost
-        ):
-            self.closing = True
+    def hold_body(self) -> None:
+        """Stop reading: the handler is behind on the request body."""
+        if not self._reading_paused and self._transport is not None:
+            self._reading_paused = True
+            self._body_held = True
+            self._transport.pause_reading()
+
+    def release_body(self) -> None:
+        """Read again after ``hold_body``: the handler took the body bytes waiting."""
+        if self._body_held:
+            self._body_held = False
+            if (
+                self._reading_paused
+                and not self._queue
+                and not self._discarding
+                and self._transport is not None
+            ):
+                self._reading_paused = False
+                self._transport.resume_reading()
+
+    def check(self, now: float) -> None:
+        """The sweep's look at this connection (see HttpServer._sweep): close it when
+        idle past the keep-alive timeout; answer 408 and close when a request head is
+        not whole ``header_timeout`` after it began, or a request body has had no byte
+        for ``body_timeout``. Each deadline is met between one timeout and one timeout
+        plus a sweep period after it began."""
+        transport = self._transport
+        if transport is None or self.lost or self._discarding:
+            return
+        server = self._server
+        active = self._active
+        if active is not None:
+            if (
+                active._body_done
+                or active._continue  # not asked for its body yet
+                or active._timed_out
+                or self._reading_paused  # held back by the proxy, not stalled
+            ):
+                self._watch = -1
+            elif self._watch != self._reads:
+                self._watch = self._reads
+                self._watch_since = now
+            elif now - self._watch_since >= server.body_timeout:
+                # The handler answers (408, or a cut once its response has started).
+                active._timed_out = True
+                active._wake()
+            return
+        if self._queue:
+            return
+        if self.closing:
+            self._close()
+            return
+        if self._reads == self._idle_reads and not self._url:
+            # Nothing came since the last exchange ended: an idle keep-alive connection.
+            if now - self._idle_since >= server.keepalive_timeout:
+                self._close()
+            return
+        if self._idle_reads < 0:
+            since = self._idle_since  # a new connection: its first head is due from the start
+        else:
+            token = -2 - self._idle_reads
+            if self._watch != token:
+                self._watch = token
+                self._watch_since = now
+                return
+            since = self._watch_since
+        if now - since >= server.header_timeout:
+            self._time_out_head(server.header_timeout)
+
+    def _close(self) -> None:
+        self.closing = True
+        if self._transport is not None:
             self._transport.close()
+
+    def _time_out_head(self, timeout: float) -> None:
+        """A request head that did not come whole in time: 408, then close (lingering,
+        as after any early answer, so that bytes still on their way cannot reset the
+        connection before the client has read the answer)."""
+        transport = self._transport
+        if transport is None:
+            return
+        detail = f"request head not complete within {timeout:g} s"
+        body = orjson.dumps({"error": "request_timeout", "detail": detail})
+        head = (
+            "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        transport.write(head + body)
+        self._linger()
 
     @property
     def busy(self) -> bool:
@@ -1072,6 +1253,8 @@ class HttpServer:
         fallback: Fallback,
         *,
         keepalive_timeout: float = 75.0,
+        header_timeout: float = 20.0,
+        body_timeout: float = 20.0,
         key_header: str | None = None,
     ) -> None:
         """``key_header``: a header whose first value every request carries as ``key``
@@ -1083,6 +1266,8 @@ class HttpServer:
         self.fields: dict[bytes, int] = {}
         self.fallback = fallback
         self.keepalive_timeout = keepalive_timeout
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
         self.loop = asyncio.get_running_loop()
         self.connections: set[_Connection] = set()
         self.closing = False
@@ -1119,14 +1304,15 @@ class HttpServer:
 
     async def _sweep(self) -> None:
         # One sweep over the connections now and then instead of a timer per request:
-        # an idle connection closes between one and one and a quarter timeouts.
-        timeout = self.keepalive_timeout
-        period = min(max(timeout / 4, 0.05), 5.0)
+        # each deadline is met within a quarter of the shortest timeout after it passed
+        # (at most 5 s, at least 50 ms).
+        shortest = min(self.keepalive_timeout, self.header_timeout, self.body_timeout)
+        period = min(max(shortest / 4, 0.05), 5.0)
         while True:
             await asyncio.sleep(period)
-            since = self.loop.time() - timeout
+            now = self.loop.time()
             for conn in list(self.connections):
-                conn.close_if_idle(since)
+                conn.check(now)
 
     def stop_accepting(self) -> None:
         if self._server is not None:

@@ -71,6 +71,10 @@ class ServerSettings(_Section):
     upstream_connections: Annotated[int, Field(ge=1)] = 512
     shutdown_grace: Seconds = 20.0
     keepalive_timeout: Seconds = 75.0
+    # A request head must be whole this long after it began (a new connection: after
+    # it opened); a request body may go this long without a byte. Else 408 and close.
+    header_timeout: Seconds = 20.0
+    body_timeout: Seconds = 20.0
 
 
 class AdminSettings(_Section):

@@ -17,7 +17,11 @@ after a whole response, on an idle connection, or waiting unread in the socket w
 next request would be written condemn it, and the response they followed stands.
 
 ``request`` is awaited; ``start`` runs an exchange on an idle connection by callbacks to
-a sink instead (no future at all), for a caller that relays as the bytes come. Response
+a sink instead (no future at all), for a caller that relays as the bytes come. ``open``
+starts a request whose body is still arriving: the caller streams it (``send_body``,
+``drain_body`` while the backend is behind, ``end_body``) and awaits ``response_head``;
+the read timeout does not run while the backend waits for the caller's body, and a
+connection whose answer came before the whole body went is never reused. Response
 headers stay bytes (``raw_headers``) unless asked for as text.
 """
 
@@ -225,13 +229,19 @@ def _has_field(probe: str, name: str) -> bool:
 
 
 def _block_request_head(
-    origin: _Origin, method: str, target: str | bytes, block: bytes, body: bytes
+    origin: _Origin,
+    method: str,
+    target: str | bytes,
+    block: bytes,
+    body: bytes,
+    framing: bytes | None = None,
 ) -> bytes:
     """The request head around header lines a proxy made from a parser's headers: names
     are tokens, values free of CR, LF and NUL (llhttp saw to it), and Host,
     Connection, Transfer-Encoding and Content-Length are gone (the proxy saw to it),
     so only the request line is left to check. A target as bytes is a parser's too:
-    printable ASCII, no space (llhttp refuses anything else)."""
+    printable ASCII, no space (llhttp refuses anything else). ``framing``: the body's
+    framing line for a body sent later (see ``open``), else ``body`` sets it."""
     if " " in method or "\n" in method or "\r" in method:
         raise ValueError(f"invalid method {method!r}")
     if isinstance(target, str):
@@ -240,7 +250,12 @@ def _block_request_head(
         raw_target = to_wire(target)
     else:
         raw_target = target
-    length = length_line(len(body)) if body or method in _BODY_METHODS else b""
+    if framing is not None:
+        length = framing
+    elif body or method in _BODY_METHODS:
+        length = length_line(len(body))
+    else:
+        length = b""
     raw_method = _METHOD_BYTES.get(method)
     if raw_method is None:
         raw_method = to_wire(method)
@@ -485,8 +500,10 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "_buffered",
         "_chunked",
+        "_chunked_body",
         "_chunks",
         "_close_requested",
+        "_drain",
         "_eof_body",
         "_exc",
         "_fed",
@@ -518,6 +535,7 @@ class _Connection(asyncio.Protocol):
         "_response",
         "_said_close",
         "_said_keep_alive",
+        "_sending",
         "_sink",
         "_slot",
         "_stale",
@@ -531,6 +549,7 @@ class _Connection(asyncio.Protocol):
         "_with_body",
         "_woken",
         "_write_failed",
+        "_write_paused",
     )
 
     def __init__(self, pool: UpstreamPool, origin: _Origin, loop: asyncio.AbstractEventLoop):
@@ -569,6 +588,10 @@ class _Connection(asyncio.Protocol):
         self._idempotent = False
         self._feeding = False
         self._woken = False
+        # Writing a request body that is still arriving (see UpstreamPool.open).
+        self._chunked_body = False
+        self._write_paused = False  # the transport's buffer is full: the backend is behind
+        self._drain: asyncio.Future[None] | None = None
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -591,6 +614,7 @@ class _Connection(asyncio.Protocol):
         # must also be empty before the connection is reused (see _sent).
         self._request_sent = False
         self._with_body = False
+        self._sending = False
 
     # -- transport callbacks ------------------------------------------------------------
 
@@ -713,8 +737,25 @@ class _Connection(asyncio.Protocol):
             else:
                 self._set_error(UpstreamError(f"{self._origin.key} closed the connection mid-body"))
         self._wake()
+        self._wake_drain()
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._sending:
+            self._last_rx = self._loop.time()  # the backend is taking the body: not silent
+        self._wake_drain()
+
+    def _wake_drain(self) -> None:
+        drain = self._drain
+        if drain is not None:
+            self._drain = None
+            if not drain.done():
+                drain.set_result(None)
 
     # -- httptools callbacks ------------------------------------------------------------
 
@@ -843,6 +884,71 @@ class _Connection(asyncio.Protocol):
     def unhold(self) -> None:
         if self._paused and self._buffered <= _LOW_WATER:
             self._resume()
+
+    # -- a request body written as it arrives (see UpstreamPool.open) -----------------
+
+    def send_body(self, data: bytes) -> None:
+        """Write request body bytes, framed as the head said. UpstreamError if the
+        connection is gone; mind ``body_paused`` (``drain_body``)."""
+        transport = self._transport
+        if not self._open or transport is None or transport.is_closing():
+            raise self._exc or UpstreamError(f"connection to {self._origin.key} closed")
+        if self._chunked_body:
+            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            transport.write(data)
+
+    @property
+    def body_paused(self) -> bool:
+        """Whether the backend is behind on the body (its buffer here is full)."""
+        return self._write_paused
+
+    async def drain_body(self) -> None:
+        """Until the backend has taken enough of the body to send more; UpstreamError if
+        the connection went meanwhile."""
+        while self._write_paused and self._open:
+            drain = self._drain = self._loop.create_future()
+            try:
+                await drain
+            finally:
+                self._drain = None
+        if not self._open:
+            raise self._exc or UpstreamError(f"connection to {self._origin.key} closed")
+
+    def end_body(self) -> None:
+        """The body has gone whole: the answer is owed from now (the read timeout runs),
+        and the connection may serve again after it."""
+        if self._open and self._transport is not None and self._chunked_body:
+            self._transport.write(b"0\r\n\r\n")
+        self._sending = False
+        # Reusable once the body has left the transport's buffer too (see _sent).
+        self._with_body = True
+        # A response head that came before this already ruled the connection out.
+        self._close_requested = False
+        self._last_rx = self._loop.time()
+
+    def cut(self, reason: str) -> None:
+        """The body cannot go whole (the client failed): the exchange fails and the
+        connection closes, so the backend never takes a part for the whole."""
+        self._fail(UpstreamError(reason))
+
+    async def response_head(self) -> UpstreamResponse:
+        """The response once its head is in; UpstreamError (or its kinds) if none came.
+        Cancelled, the connection closes."""
+        while self._response is None and self._exc is None:
+            waiter = self._waiter
+            if waiter is None:
+                waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            except BaseException:
+                self._abort()
+                raise
+        response = self._response
+        if response is None:
+            self._abort()
+            raise self._exc or UpstreamError(f"no response from {self._origin.key}")
+        return response
 
     def abandon(self) -> None:
         """Give up the exchange: the connection closes, the sink hears no more."""
@@ -987,8 +1093,9 @@ class _Connection(asyncio.Protocol):
                     self._arm(due)
         elif phase in (_HEAD, _BODY):
             timeout = self._pool._read_timeout
-            if self._paused:
-                # The consumer is behind, not the server.
+            if self._paused or (self._sending and not self._write_paused):
+                # The consumer is behind, or the server waits for a body still arriving
+                # from our client: not the server's silence.
                 self._arm(now + timeout)
                 return
             due = self._last_rx + timeout
@@ -1160,6 +1267,45 @@ class UpstreamPool:
                 conn._abort()
             # Report it as any other failure, after the caller has its answer.
             self._loop_call(sink.upstream_ready, conn)
+        return conn
+
+    async def open(
+        self,
+        origin: str,
+        method: str,
+        target: str | bytes,
+        header_block: bytes,
+        length: int,
+        *,
+        fresh: bool = False,
+    ) -> _Connection:
+        """Start a request whose body is still arriving: the head goes now, framed by
+        ``length`` (the body's Content-Length, or -1: chunked), on an idle connection or
+        a new one (``fresh``: always a new one, for a retry, counted). The caller then
+        streams the body (``send_body``, ``drain_body``, ``end_body``; ``cut`` if it
+        cannot go whole) and awaits ``response_head``. ``header_block`` and ``target``
+        as for ``start``; ValueError for a request that cannot be written safely,
+        UpstreamError when no connection can be had."""
+        if self._closed:
+            raise UpstreamError("the upstream pool is closed")
+        place = self._origins.get(origin)
+        if place is None:
+            place = self._origin(origin)
+        framing = length_line(length) if length >= 0 else b"Transfer-Encoding: chunked\r\n"
+        head = _block_request_head(place, method, target, header_block, b"", framing)
+        conn = None if fresh else self._pop_idle(place.key)
+        if conn is None:
+            conn = await self._acquire(place, fresh=fresh)
+        if fresh:
+            self._retried += 1
+        if conn._uses:
+            self._reused += 1
+        conn._idempotent = method in _IDEMPOTENT
+        conn._chunked_body = length < 0
+        # Not reusable until the whole body went (end_body): an answer that comes first
+        # leaves the backend's reading of the rest unknown.
+        conn._start(head, b"", method == "HEAD", True)
+        conn._sending = True
         return conn
 
     def _loop_call(self, callback: Callable[[_Connection], None], conn: _Connection) -> None:
