@@ -115,6 +115,7 @@ class _Upload:
         self.over_cap = False
         self.sent = 0
         self.whole = False
+        self.shadowed = False  # its shadow has been started (or dropped)
         self.error: Exception | None = None
 
     @property
@@ -137,9 +138,10 @@ class _Upload:
                 data = await self.request.next_body(self.limit)
                 if not data:
                     break
+                # Counted before it is written: a write that fails has still used it up.
                 self._keep(data)
-                conn.send_body(data)
                 self.sent += len(data)
+                conn.send_body(data)
                 if conn.body_paused:
                     await conn.drain_body()
             conn.end_body()
@@ -448,7 +450,8 @@ class _Exchange:
         self, conn: UpstreamConnection, upload: _Upload, block: bytes, shadowing: bool
     ) -> None:
         await upload.send(conn)
-        if shadowing and upload.whole:
+        if shadowing and upload.whole and not upload.shadowed:
+            upload.shadowed = True  # once, though a retry sends the body again
             self._shadow_whole(block, upload)
 
     async def _relay(self, upstream: UpstreamResponse) -> Outcome:

@@ -403,11 +403,6 @@ class Request:
             self._continue = False
             self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    @property
-    def timed_out(self) -> bool:
-        """Whether the body stalled past the body timeout (the answer is a 408)."""
-        return self._timed_out
-
     # --- the response ---------------------------------------------------------------
 
     def respond(

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from proxy.app import ProxyServer
+from proxy.settings import ConfigError, load_settings
 from tests.proxy_harness import (
     flags_document,
     make_settings,
@@ -65,12 +66,61 @@ async def timed_out_response(client: Client, deadline: float) -> tuple[float, by
     return loop.time() - began, sent + rest
 
 
+BackendHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def raw_backend(handler: BackendHandler) -> AsyncIterator[str]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 def assert_408_json(raw: bytes) -> None:
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408 "), raw
     assert b"\r\nConnection: close" in head, raw
     assert b"\r\nContent-Type: application/json" in head, raw
     assert json.loads(body)["error"] == "request_timeout", raw
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+def config_with(tmp_path: Path, server: str) -> Path:
+    write_flags(tmp_path / "flags.json", flags_document())
+    config = tmp_path / "strangler.toml"
+    config.write_text(
+        f"[server]\n{server}\n[backends]\n"
+        'legacy = "http://127.0.0.1:9001"\ncandidate = "http://127.0.0.1:9002"\n'
+        '[flags]\nfile = "flags.json"\n'
+    )
+    return config
+
+
+def test_the_header_and_body_timeouts_default_to_twenty_seconds_and_can_be_set(
+    tmp_path: Path,
+) -> None:
+    server = load_settings(config_with(tmp_path, ""), {}).server
+    assert (server.header_timeout, server.body_timeout) == (20.0, 20.0)
+    config = config_with(tmp_path, "header_timeout = 5\nbody_timeout = 2.5")
+    server = load_settings(config, {"STRANGLER_SERVER__BODY_TIMEOUT": "7"}).server
+    assert (server.header_timeout, server.body_timeout) == (5.0, 7.0)
+
+
+@pytest.mark.parametrize("key", ["header_timeout", "body_timeout"])
+@pytest.mark.parametrize("value", ["0", "-1", '"soon"'])
+def test_a_timeout_that_is_not_a_positive_number_is_refused_naming_key_and_file(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    config = config_with(tmp_path, f"{key} = {value}")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config, {})
+    [problem] = info.value.problems
+    assert str(problem).startswith(f"{config}: server.{key}: ")
 
 
 # --- request heads ---------------------------------------------------------------------
@@ -293,6 +343,38 @@ async def test_a_chunked_body_passing_the_limit_mid_way_is_a_413_and_the_backend
     assert backend.paths == ["/echo/after"]
 
 
+async def test_a_body_passing_the_limit_after_the_response_started_cuts_both_connections(
+    tmp_path: Path,
+) -> None:
+    backend_cut = asyncio.Event()
+
+    async def answers_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        try:
+            while await reader.read(65536):
+                pass
+        except ConnectionError:
+            pass
+        backend_cut.set()
+        writer.close()
+
+    async with raw_backend(answers_at_once) as url:
+        flags = write_flags(tmp_path / "flags.json", flags_document(rollout=0))
+        settings = make_settings(url, url, flags, server={"max_body_bytes": 1000})
+        async with running_proxy(settings) as proxy, connect(proxy) as client:
+            await client.send(request("POST", "/up", "Transfer-Encoding: chunked"))
+            await asyncio.sleep(0.05)
+            await client.send(chunked([b"x" * 600])[:-5])
+            head = await bounded(client.reader.readuntil(b"\r\n\r\n"))
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert await bounded(client.reader.readuntil(b"first\r\n")) == b"5\r\nfirst\r\n"
+            await client.send(chunked([b"y" * 600])[:-5])
+            # Cut: the last chunk never comes, so the client cannot take the answer as whole.
+            assert b"0\r\n\r\n" not in await client.rest()
+            await bounded(backend_cut.wait())
+
+
 # --- shadowed routes -------------------------------------------------------------------
 
 
@@ -343,18 +425,6 @@ async def test_a_streamed_body_is_shadowed_within_the_cap_and_over_it_still_reac
 
 
 # --- a stale pooled connection ---------------------------------------------------------
-
-BackendHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@asynccontextmanager
-async def raw_backend(handler: BackendHandler) -> AsyncIterator[str]:
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 @pytest.mark.parametrize(
