@@ -427,12 +427,23 @@ async def test_a_streamed_body_is_shadowed_within_the_cap_and_over_it_still_reac
 # --- a stale pooled connection ---------------------------------------------------------
 
 
+async def read_one(reader: asyncio.StreamReader) -> bytes:
+    """One request with a Content-Length body, from a raw backend's side: its body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    return await reader.readexactly(int(length.group(1)) if length else 0)
+
+
 @pytest.mark.parametrize(
-    ("first_part", "retried"),
-    [pytest.param(b"", True, id="nothing-sent-yet"), pytest.param(b"abc", False, id="part-sent")],
+    ("first_part", "shadowed", "retried"),
+    [
+        pytest.param(b"", False, True, id="nothing-sent-yet"),
+        pytest.param(b"abc", False, False, id="part-sent"),
+        pytest.param(b"abc", True, True, id="part-sent-and-kept-for-the-shadow"),
+    ],
 )
 async def test_a_streamed_body_is_retried_on_a_stale_connection_only_if_it_can_be_replayed(
-    tmp_path: Path, first_part: bytes, retried: bool
+    tmp_path: Path, first_part: bytes, shadowed: bool, retried: bool
 ) -> None:
     # Each connection answers its first request and closes on the second without a word
     # (a backend closing an idle keep-alive connection as the proxy reuses it).
@@ -442,9 +453,7 @@ async def test_a_streamed_body_is_retried_on_a_stale_connection_only_if_it_can_b
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-            bodies.append(await reader.readexactly(int(length.group(1)) if length else 0))
+            bodies.append(await read_one(reader))
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             await writer.drain()
             await reader.read(1)
@@ -452,9 +461,23 @@ async def test_a_streamed_body_is_retried_on_a_stale_connection_only_if_it_can_b
             pass
         writer.transport.abort()
 
-    async with raw_backend(one_per_connection) as url:
+    shadow_bodies: list[bytes] = []
+
+    async def answers_all(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                shadow_bodies.append(await read_one(reader))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    route = {"name": "up", "path": "/up", "protocol": "json", "flag": "ssot-dispatcher"}
+    if shadowed:  # a copy of the body is kept for the shadow (on the candidate)
+        route |= {"shadow": 1.0, "shadow_methods": ["PUT"]}
+    async with raw_backend(one_per_connection) as url, raw_backend(answers_all) as other:
         flags = write_flags(tmp_path / "flags.json", flags_document(rollout=0))
-        async with running_proxy(make_settings(url, url, flags)) as proxy:
+        settings = make_settings(url, other, flags, routes=[route])
+        async with running_proxy(settings) as proxy:
             async with connect(proxy) as client:
                 assert (await client.exchange(request("GET", "/warm"))).status == 200
                 # PUT: idempotent, so only the body decides whether it may go again.
@@ -462,8 +485,10 @@ async def test_a_streamed_body_is_retried_on_a_stale_connection_only_if_it_can_b
                 await asyncio.sleep(0.2)  # the proxy found the pooled connection dead
                 await client.send(b"abcdef"[len(first_part) :])
                 response = await read_response(client.reader)
+            await proxy.proxy.shadows.settle()
     assert response.status == (200 if retried else 502)
     assert bodies == ([b"", b"abcdef"] if retried else [b""])
+    assert shadow_bodies == ([b"abcdef"] if shadowed else [])
 
 
 # --- memory, in a proxy of its own -----------------------------------------------------
