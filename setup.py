@@ -24,6 +24,7 @@ COMPILED = [
     "proxy/upstream.py",
     "proxy/http_relay.py",
     "proxy/websocket_direct.py",
+    "proxy/websocket_relay.py",
     "proxy/headers.py",
     "proxy/routing.py",
     "proxy/metrics.py",

@@ -15,14 +15,11 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
 from types import TracebackType
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from flags.evaluation import is_utf8_text
 from flags.file import FileFlagProvider
 from flags.provider import FlagProvider
 from flags.unleash import UnleashFlagProvider
@@ -33,12 +30,12 @@ from proxy.dispatch import build_handler
 from proxy.divergence_store import DivergenceStore
 from proxy.experiment import RouteExperiment
 from proxy.metrics import Metrics
-from proxy.routing import Backend, RouteTable, choose_backend
+from proxy.routing import Backend, RouteTable
 from proxy.server import HttpServer
 from proxy.settings import FlagSettings, Settings
 from proxy.shadow import ShadowRunner
 from proxy.upstream import UpstreamPool
-from proxy.websocket_relay import close_all, is_websocket_upgrade, relay_websocket
+from proxy.websocket_relay import close_all
 
 log = logging.getLogger("strangler")
 
@@ -64,38 +61,15 @@ def build_flag_provider(flags: FlagSettings) -> FlagProvider:
     )
 
 
-def build_upgrade_handler(
-    proxy: Proxy,
-) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
-    """The handler of the connections handed over for a WebSocket session.
+class _Refuse(asyncio.Protocol):
+    """Nothing is handed off: every WebSocket session is the proxy's own relay."""
 
-    Such a connection serves its one session (or the answer refusing it) and is
-    closed: nothing else is read from it by aiohttp.
-    """
-    routes = proxy.routes
-    flags = proxy.flags
-    identity_header = proxy.identity_header
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
 
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        route = routes.match(request.path)
-        # aiohttp decodes what is not UTF-8 with surrogate escapes: such an id is no id
-        # (the listener counted it before handing the connection over).
-        user_id = request.headers.get(identity_header) or None
-        if user_id is not None and not is_utf8_text(user_id):
-            user_id = None
-        backend = choose_backend(route, user_id, flags.is_enabled)
-        if not is_websocket_upgrade(request):
-            response: web.StreamResponse = web.json_response(
-                {"error": "bad_request", "detail": "a WebSocket handshake was expected"},
-                status=400,
-            )
-        else:
-            response = await relay_websocket(request, proxy, route, backend, user_id)
-        if not isinstance(response, web.WebSocketResponse):
-            response.force_close()
-        return response
 
-    return handle
+def _no_fallback() -> asyncio.Protocol:
+    return _Refuse()
 
 
 def _listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -137,7 +111,6 @@ class ProxyServer:
         self.proxy: Proxy | None = None
         self._runners: list[web.BaseRunner] = []
         self._http: HttpServer | None = None
-        self._upgrades: web.Server | None = None
         self.proxy_port = 0
         self.admin_port = 0
 
@@ -153,33 +126,11 @@ class ProxyServer:
         server = self.settings.server
         if self.store is not None:
             await self.store.start()
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=server.upstream_connections, limit_per_host=0, keepalive_timeout=30
-            ),
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=server.connect_timeout, sock_read=server.read_timeout
-            ),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
         self.proxy = proxy = Proxy(
             settings=self.settings,
             routes=RouteTable(self.settings.routes),
             flags=self.flags,
             metrics=self.metrics,
-            session=session,
-            shadow_session=aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.settings.shadow.connections),
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=server.connect_timeout,
-                    sock_read=None,
-                    sock_connect=server.connect_timeout,
-                ),
-                auto_decompress=False,
-                cookie_jar=aiohttp.DummyCookieJar(),
-            ),
             pool=UpstreamPool(
                 max_connections=server.upstream_connections,
                 connect_timeout=server.connect_timeout,
@@ -216,15 +167,9 @@ class ProxyServer:
             self._gauges = asyncio.create_task(self._refresh_gauges(proxy))
         proxy_sock = _listen(server.host, server.port, reuse_port=self.worker)
         self.proxy_port = proxy_sock.getsockname()[1]
-        self._upgrades = upgrades = web.Server(
-            build_upgrade_handler(proxy),
-            handler_cancellation=True,
-            access_log=None,
-            max_field_size=16384,
-        )
         self._http = HttpServer(
             build_handler(proxy),
-            upgrades,
+            _no_fallback,
             keepalive_timeout=server.keepalive_timeout,
             header_timeout=server.header_timeout,
             body_timeout=server.body_timeout,
@@ -268,9 +213,6 @@ class ProxyServer:
                 await close_all(proxy)
             await self._http.shutdown(self.settings.server.shutdown_grace)
             self._http = None
-        if self._upgrades is not None:
-            await self._upgrades.shutdown(1.0)
-            self._upgrades = None
         for runner in reversed(self._runners):
             for site in list(runner.sites):
                 await site.stop()
@@ -283,8 +225,6 @@ class ProxyServer:
         await self.flags.close()
         if proxy is not None:
             await proxy.shadows.close()
-            await proxy.shadow_session.close()
-            await proxy.session.close()
             await proxy.pool.close()
         if self.store is not None:
             await self.store.close()

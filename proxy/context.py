@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Protocol
 
-import aiohttp
-
 from flags.provider import FlagProvider
 from proxy.metrics import Metrics
 from proxy.routing import Backend, RouteTable
@@ -39,8 +37,6 @@ class Proxy:
         routes: RouteTable,
         flags: FlagProvider,
         metrics: Metrics,
-        session: aiohttp.ClientSession,
-        shadow_session: aiohttp.ClientSession,
         pool: UpstreamPool,
         backend_urls: dict[Backend, str],
         shadows: ShadowRunner,
@@ -51,8 +47,6 @@ class Proxy:
         self.routes = routes
         self.flags = flags
         self.metrics = metrics
-        self.session = session  # WebSocket upstream connections
-        self.shadow_session = shadow_session  # shadow WebSocket connections: a pool of their own
         self.pool = pool  # HTTP upstream exchanges
         self.backend_urls = backend_urls
         self.shadows = shadows

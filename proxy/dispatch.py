@@ -9,14 +9,16 @@ from proxy.http_relay import relay_http, respond_error
 from proxy.routing import UNROUTED, choose_backend
 from proxy.server import Handler, Request
 from proxy.websocket_direct import relay_websocket_direct
+from proxy.websocket_relay import relay_websocket
 
 
 def build_handler(proxy: Proxy) -> Handler:
     """The proxy listener's one handler: route, decide, relay.
 
     Every path is proxied, so there is no application router: the lean server of
-    ``proxy.server`` calls this for each request. WebSocket upgrades are handed over to
-    aiohttp's server (``build_upgrade_handler``) with their connection.
+    ``proxy.server`` calls this for each request. A WebSocket upgrade takes its
+    connection away from the server: relayed frame by frame, and watched (turns, a
+    shadow, isolation) on a route whose experiment asks for it.
     """
     routes = proxy.routes
     flags = proxy.flags
@@ -38,9 +40,8 @@ def build_handler(proxy: Proxy) -> Handler:
             respond_error(request, 503, "shutting_down", "the proxy is draining", backend, label)
             return None
         experiment = proxy.experiments.get(route.name) if route is not None else None
-        if experiment is None or not experiment.watches:
+        if route is None or experiment is None or not experiment.watches:
             return relay_websocket_direct(request, proxy, route, backend)
-        request.hand_off()  # a watched session: aiohttp's relay decodes its messages
-        return None
+        return relay_websocket(request, proxy, route, experiment, backend, user_id)
 
     return handle

@@ -11,8 +11,6 @@ checked against the contract.
 
 from __future__ import annotations
 
-import asyncio
-
 from adapters.events import Event
 from proxy.experiment import RouteExperiment
 from proxy.observation import Observation, Recorder
@@ -73,10 +71,15 @@ class TurnTracker:
         self.idle = route.settings.turn_idle_seconds
         self.can_see_end = bool(self.turn_end) or experiment.contract is not None
         self.open: list[_Turn] = []
-        self.settled = asyncio.Event()  # set while no turn is open
-        self.settled.set()
         self.turns = 0
-        self._decoder = Recorder(Observation(primary, "primary", 0.0), "websocket", self.type_field)
+        # Frames between turns are decoded too (isolation needs their events); the
+        # decoder is made on the first such frame: a session that idles costs none.
+        self._decoder: Recorder | None = None
+
+    @property
+    def settled(self) -> bool:
+        """Whether no turn is open."""
+        return not self.open
 
     def _side(self, backend: Backend, role: str, now: float) -> _Side:
         recorder = Recorder(Observation(backend, role, now), "websocket", self.type_field)
@@ -103,7 +106,6 @@ class TurnTracker:
         self.open.append(
             _Turn(self.turns, self._side(self.primary_backend, "primary", now), shadow)
         )
-        self.settled.clear()
 
     def shadow_lost(self, reason: str, now: float) -> None:
         """The shadow connection failed: its open turns end in error, later turns have none."""
@@ -130,7 +132,13 @@ class TurnTracker:
     def _frame(self, data: str | bytes, now: float, *, shadow: bool) -> list[Event]:
         current = self._current(shadow)
         if current is None:
-            return self._decoder.feed(data, now)
+            decoder = self._decoder
+            if decoder is None:
+                observation = Observation(self.primary_backend, "primary", 0.0)
+                decoder = self._decoder = Recorder(observation, "websocket", self.type_field)
+            events = decoder.feed(data, now)
+            decoder.observation.events.clear()  # kept for nothing: no turn is open
+            return events
         turn, side = current
         events = side.recorder.feed(data, now)
         side.last_activity = now
@@ -197,5 +205,3 @@ class TurnTracker:
             self.open.pop(0)
             shadow = head.shadow.observation if head.shadow is not None else None
             self.experiment.conclude(head.primary.observation, shadow, turn=head.number)
-        if not self.open:
-            self.settled.set()

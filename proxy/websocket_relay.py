@@ -1,345 +1,158 @@
-"""Relay one WebSocket session between the client and the backend it connected to (I/O).
+"""What a watched WebSocket session adds to the relay: turns, a shadow leg, isolation (I/O).
 
-The upstream connection is opened first, with the client's subprotocol offer; the
-client's handshake is then accepted with the subprotocol the backend chose. Frames are
-relayed both ways as they come: text, binary, ping and pong (automatic pings are off on
-both legs so that pings travel end to end), and close frames with their code and reason.
-A session stays on its backend for its whole life. Failures map to close codes: backend
-unreachable 1014 (bad gateway), backend timeout or abnormal end 1011, a message over
-the limit 1009; a proxy shutting down closes its sessions with 1001.
+A session on a route that shadows or checks something runs on the same raw legs and
+frame reader as any other (``proxy.websocket_direct``), with three additions. The
+backend's messages are collected whole and decoded into events for the route's turns
+(``proxy.turns``); with a user field, a message's frames are held until it is whole and
+withheld if it carries another user's id (counted per backend). A sampled session gets
+a shadow leg: one more raw connection to the other backend, opened beside the session,
+never before it, which receives the client's frames as they were sent (a client's
+masked frames are what a backend expects) and whose frames reach no one. A session
+never waits for a shadow: when the shadow runner has no room, or its breaker holds the
+backend back, the session is relayed without one and the drop is counted; a shadow
+that falls behind (its unsent backlog past twice the message limit), fails or breaks
+the protocol is given up, counted, and the session goes on. When the session ends, a
+shadow that still owes turns gets up to ``turn_idle_seconds`` to finish them; then the
+session's turns are concluded. An idle session has no task and no timer: the turns'
+idle clock ticks only while a turn is open.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-import time
-
-import aiohttp
-from aiohttp import WSCloseCode, WSMsgType, web
-from yarl import URL
+from time import perf_counter
 
 from adapters.events import Event
 from adapters.isolation import belongs_to
 from proxy.context import Proxy
 from proxy.experiment import RouteExperiment
-from proxy.headers import BACKEND_HEADER, SHADOW_HEADER, upstream_request_headers
 from proxy.metrics import Outcome
-from proxy.routing import UNROUTED, Backend, Route
+from proxy.routing import Backend, Route
+from proxy.server import Request
 from proxy.shadow import shadow_backend, shadow_refusal
 from proxy.turns import TurnTracker
+from proxy.websocket_direct import (
+    GOING_AWAY,
+    HandshakeFailed,
+    Leg,
+    Session,
+    open_upstream,
+    start_session,
+)
 
 log = logging.getLogger("strangler.relay")
 
-BAD_GATEWAY = WSCloseCode.BAD_GATEWAY
-# Codes that describe a connection's end but may never be sent in a close frame.
-_UNSENDABLE = frozenset({1005, 1006, 1015})
-
-
-def is_websocket_upgrade(request: web.BaseRequest) -> bool:
-    return (
-        request.method == "GET"
-        and request.headers.get("Upgrade", "").lower() == "websocket"
-        and "upgrade" in request.headers.get("Connection", "").lower()
-    )
-
-
-def sendable(code: int | None) -> int:
-    if code is None or code in _UNSENDABLE or not (1000 <= code <= 4999):
-        return WSCloseCode.OK
-    return code
+_SHADOW_HEADER_LINE = b"X-Strangler-Shadow: 1\r\n"
+_FAILURES = (Outcome.UNREACHABLE, Outcome.BROKEN, Outcome.TIMEOUT)
+# How long a shadow that was sent a close frame gets to answer it.
+_SHADOW_CLOSE_WAIT = 1.0
 
 
 async def relay_websocket(
-    request: web.BaseRequest,
+    request: Request,
     proxy: Proxy,
-    route_obj: Route | None,
+    route: Route,
+    experiment: RouteExperiment,
     backend: Backend,
-    user_id: str | None = None,
-) -> web.StreamResponse:
-    route = route_obj.name if route_obj is not None else UNROUTED
-    settings = proxy.settings.server
-    offered = [
-        p.strip()
-        for value in request.headers.getall("Sec-WebSocket-Protocol", [])
-        for p in value.split(",")
-        if p.strip()
-    ]
-    headers = upstream_request_headers(
-        request.headers.items(),
-        client_ip=request.remote,
-        proto=request.scheme,
-        host=request.host,
-        websocket=True,
+    user_id: str | None,
+) -> None:
+    """A session whose turns the route's experiment watches."""
+    await start_session(request, proxy, WatchedSession(proxy, route, experiment, backend, user_id))
+
+
+async def close_all(proxy: Proxy, code: int = GOING_AWAY) -> None:
+    """Close every open client session (shutdown: 1001)."""
+    sessions = list(proxy.websockets)
+    await asyncio.gather(
+        *(ws.close(code=code, message=b"proxy shutting down") for ws in sessions),
+        return_exceptions=True,
     )
-    url = URL(proxy.backend_urls[backend] + request.raw_path, encoded=True)
-    failure: tuple[int, str, Outcome] | None = None
-    upstream: aiohttp.ClientWebSocketResponse | None = None
-    try:
-        upstream = await proxy.session.ws_connect(
-            url,
-            headers=headers,
-            protocols=offered,
-            autoping=False,
-            autoclose=False,
-            max_msg_size=settings.max_ws_message_bytes,
-            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=settings.connect_timeout),
-        )
-    except aiohttp.WSServerHandshakeError as exc:
-        failure = (BAD_GATEWAY, f"backend refused the handshake: {exc.status}", Outcome.BROKEN)
-    except aiohttp.ClientConnectorError:
-        failure = (BAD_GATEWAY, "backend unreachable", Outcome.UNREACHABLE)
-    except (TimeoutError, aiohttp.ServerTimeoutError):
-        failure = (WSCloseCode.INTERNAL_ERROR, "backend timeout", Outcome.TIMEOUT)
-    except aiohttp.ClientError as exc:
-        failure = (BAD_GATEWAY, f"backend error: {type(exc).__name__}", Outcome.BROKEN)
-
-    chosen = upstream.protocol if upstream is not None else None
-    client = web.WebSocketResponse(
-        protocols=(chosen,) if chosen else (),
-        autoping=False,
-        autoclose=False,
-        max_msg_size=settings.max_ws_message_bytes,
-    )
-    client.headers[BACKEND_HEADER] = backend.value
-    try:
-        await client.prepare(request)
-    except BaseException:
-        if upstream is not None:
-            await upstream.close(code=WSCloseCode.GOING_AWAY)
-        raise
-    if upstream is None:
-        assert failure is not None
-        code, reason, outcome = failure
-        log.warning("route %s backend %s: websocket %s", route, backend, reason)
-        # Every reason starts "backend ...": told by role, never by address.
-        await client.close(code=code, message=f"{backend.value} {reason}".encode()[:120])
-        proxy.metrics.count_request(route, backend.value, "primary", outcome.value)
-        return client
-
-    session = _Session(proxy, route, backend, client, upstream)
-    experiment = proxy.experiments.get(route) if route_obj is not None else None
-    if route_obj is not None and experiment is not None and experiment.watches:
-        session.observe(route_obj, experiment, user_id, url, headers)
-    return await session.run()
 
 
-class _Session:
+class WatchedSession(Session):
     def __init__(
         self,
         proxy: Proxy,
-        route: str,
-        backend: Backend,
-        client: web.WebSocketResponse,
-        upstream: aiohttp.ClientWebSocketResponse,
-    ) -> None:
-        self.proxy = proxy
-        self.route = route
-        self.backend = backend
-        self.client = client
-        self.upstream = upstream
-        self.outcome = Outcome.SUCCESS
-        # Set once either leg starts the closing handshake, so that the other leg's
-        # reader, which then sees its connection end, does not take it for a failure.
-        self.closing = False
-        # Set when the backend ended the session (its close frame, or its connection
-        # lost), with why if it failed: turns it cut short are compared as they stand.
-        # Any other end (the client left or closed, the proxy stopped) cancels them.
-        self.backend_ended = False
-        self.backend_failure: str | None = None
-        self.turn_started: float | None = None
-        self.first_event = proxy.metrics.first_event.labels(route, backend.value, "primary")
-        self.tracker: TurnTracker | None = None
-        self.user_field: str | None = None
-        self.user_id: str | None = None
-        self.shadow: _Shadow | None = None
-        self.watcher: asyncio.Task[None] | None = None
-
-    def observe(
-        self,
         route: Route,
         experiment: RouteExperiment,
+        backend: Backend,
         user_id: str | None,
-        url: URL,
-        headers: list[tuple[str, str]],
     ) -> None:
-        """Record turns for the route's experiment; open a shadow connection if sampled."""
+        super().__init__(proxy, route.name, backend)
+        self.watched = True
+        self.route_config = route
+        self.experiment = experiment
+        self.user_id = user_id
+        self.user_field: str | None = None
+        self.tracker: TurnTracker | None = None
+        self.shadow: _Shadow | None = None
+        self.owed = False  # the shadow owes turns the primary finished
+        self.concluded = False
+        self._ticker: asyncio.TimerHandle | None = None
+
+    def opened(self, target: str, block: bytes, protocol: str | None) -> None:
+        """Watch the turns; open a shadow leg if the session is sampled and there is room."""
+        route = self.route_config
         settings = route.settings
+        proxy = self.proxy
+        shadows = proxy.shadows
         refusal = shadow_refusal(
-            settings, "GET", 0, self.proxy.settings.shadow.max_body_bytes, random.random()
+            settings, "GET", 0, proxy.settings.shadow.max_body_bytes, random.random()
         )
         if refusal is not None and refusal != "sampled_out":
-            self.proxy.shadows.drop(route.name, refusal)
-        target = shadow_backend(settings, self.backend) if refusal is None else None
-        if target is not None and not self.proxy.shadows.has_room():
-            self.proxy.shadows.drop(route.name, "concurrency")
-            target = None
-        if target is not None and not self.proxy.shadows.admits(route.name, target):
-            target = None
-        self.tracker = TurnTracker(route, experiment, self.backend, target)
-        if settings.user_field and user_id:
-            self.user_field, self.user_id = settings.user_field, user_id
-        if target is not None:
-            shadow_url = URL(self.proxy.backend_urls[target] + url.raw_path_qs, encoded=True)
-            self.shadow = _Shadow(self, target, shadow_url, [*headers, (SHADOW_HEADER, "1")])
+            shadows.drop(route.name, refusal)
+        target_backend = shadow_backend(settings, self.backend) if refusal is None else None
+        if target_backend is not None and not shadows.has_room():
+            shadows.drop(route.name, "concurrency")
+            target_backend = None
+        if target_backend is not None and not shadows.admits(route.name, target_backend):
+            target_backend = None
+        self.tracker = TurnTracker(route, self.experiment, self.backend, target_backend)
+        self.upstream.collects = True
+        if settings.user_field and self.user_id:
+            self.user_field = settings.user_field
+            self.upstream.holds = True
+        if target_backend is not None:
+            shadow = self.shadow = _Shadow(self, target_backend)
+            self.client.mirrors = True
+            # The shadow speaks the subprotocol the backend chose for the client.
+            shadow.start(target, block + _SHADOW_HEADER_LINE, [protocol] if protocol else [])
 
-    async def run(self) -> web.WebSocketResponse:
-        proxy = self.proxy
-        gauge = proxy.metrics.websocket_sessions.labels(self.route, self.backend.value)
-        gauge.inc()
-        proxy.websockets.add(self.client)
-        tasks = [
-            asyncio.create_task(self._client_to_upstream(), name="ws-client-to-upstream"),
-            asyncio.create_task(self._upstream_to_client(), name="ws-upstream-to-client"),
-        ]
-        if self.tracker is not None:
-            self.watcher = asyncio.create_task(self._watch_turns(), name="ws-turns")
-        if self.shadow is not None:
-            self.shadow.task = self.proxy.shadows.adopt(self.route, self.shadow.run())
-        try:
-            # Either side ending ends the session; the other leg is then closed.
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            owed = False
-            if self.tracker is not None:
-                owed = self.tracker.primary_over(
-                    time.perf_counter(),
-                    cancelled=not self.backend_ended,
-                    error=self.backend_failure,
-                )
-            proxy.websockets.discard(self.client)
-            gauge.dec()
-            proxy.metrics.count_request(
-                self.route, self.backend.value, "primary", self.outcome.value
-            )
-            # The user's session is over whatever the shadow still does: a shadow still
-            # running finishes the turns it owes in its own task, owned by the shadow
-            # runner (drained, then cut at shutdown), and concludes the session's turns
-            # when it ends; neither the client's closing handshake nor a cancelled
-            # handler waits on it or cuts it short.
-            shadow = self.shadow
-            if shadow is not None and shadow.task is not None and not shadow.task.done():
-                shadow.finish(owed and not proxy.shadows.closing)
-            else:
-                await self.conclude()
-            if not self.upstream.closed:
-                await self.upstream.close(code=WSCloseCode.GOING_AWAY)
-            if not self.client.closed:
-                await self.client.close(code=WSCloseCode.GOING_AWAY)
-        return self.client
+    # -- turns
 
-    async def conclude(self) -> None:
-        """Once the primary and the shadow are both over: stop watching the turns and
-        conclude those still open."""
-        watcher, self.watcher = self.watcher, None
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-        if self.tracker is not None:
-            self.tracker.close(time.perf_counter())
+    def client_message(self) -> None:
+        tracker = self.tracker
+        if tracker is not None:
+            tracker.client_message(perf_counter())
+            self._tick_soon()
 
-    async def _client_to_upstream(self) -> None:
-        client, upstream = self.client, self.upstream
-        while True:
-            msg = await client.receive()
-            if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-                self._start_turn()
-                if self.tracker is not None:
-                    self.tracker.client_message(time.perf_counter())
-                if self.shadow is not None:
-                    self.shadow.forward(msg.data)
-                if msg.type is WSMsgType.TEXT:
-                    await upstream.send_str(msg.data)
-                else:
-                    await upstream.send_bytes(msg.data)
-            elif msg.type is WSMsgType.PING:
-                await upstream.ping(msg.data)
-            elif msg.type is WSMsgType.PONG:
-                await upstream.pong(msg.data)
-            elif self.closing:
-                return
-            elif msg.type is WSMsgType.CLOSE:
-                self.closing = True
-                code = sendable(msg.data)
-                reason = msg.extra.encode() if msg.extra else b""
-                # The client's handshake is answered first, with its own code: the
-                # backend's may be slow, and this task ends with the session.
-                await client.close(code=code, message=reason)
-                await upstream.close(code=code, message=reason)
-                return
-            elif msg.type is WSMsgType.ERROR:
-                self.closing = True
-                code = client.close_code or WSCloseCode.INTERNAL_ERROR
-                if code == WSCloseCode.MESSAGE_TOO_BIG:
-                    self.outcome = Outcome.TOO_LARGE
-                else:
-                    self.outcome = Outcome.CLIENT_CLOSED
-                await client.close(code=code)
-                await upstream.close(code=WSCloseCode.GOING_AWAY)
-                return
-            else:  # CLOSING / CLOSED: the client is gone
-                self.closing = True
-                self.outcome = Outcome.CLIENT_CLOSED
-                await upstream.close(code=WSCloseCode.GOING_AWAY)
-                return
-
-    async def _upstream_to_client(self) -> None:
-        client, upstream = self.client, self.upstream
-        while True:
-            msg = await upstream.receive()
-            if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-                self._first_event()
-                if self.tracker is not None:
-                    events = self.tracker.primary_frame(msg.data, time.perf_counter())
-                    if self.user_field is not None and self._withheld(events, self.backend):
-                        continue
-                if msg.type is WSMsgType.TEXT:
-                    await client.send_str(msg.data)
-                else:
-                    await client.send_bytes(msg.data)
-            elif msg.type is WSMsgType.PING:
-                await client.ping(msg.data)
-            elif msg.type is WSMsgType.PONG:
-                await client.pong(msg.data)
-            elif self.closing:
-                return
-            elif msg.type is WSMsgType.CLOSE:
-                self.closing = True
-                self.backend_ended = True
-                code = sendable(msg.data)
-                if code >= 1011 and code < 3000:
-                    self.outcome = Outcome.SERVER_ERROR
-                    self.backend_failure = f"the backend closed the session with {code}"
-                await upstream.close(code=code)
-                await client.close(code=code, message=msg.extra.encode() if msg.extra else b"")
-                return
-            else:
-                # The backend went away without a close frame, or sent garbage.
-                self.closing = True
-                self.backend_ended = True
-                too_big = upstream.close_code == WSCloseCode.MESSAGE_TOO_BIG
-                code = WSCloseCode.MESSAGE_TOO_BIG if too_big else WSCloseCode.INTERNAL_ERROR
-                self.outcome = Outcome.TOO_LARGE if too_big else Outcome.BROKEN
-                self.backend_failure = (
-                    "a backend message over the size limit"
-                    if too_big
-                    else "the backend connection was lost"
-                )
-                await client.close(code=code, message=b"backend connection lost")
-                return
+    def message(self, leg: Leg, data: bytes, text: bool) -> bool:
+        tracker = self.tracker
+        if tracker is None:
+            return True
+        value: str | bytes = data.decode() if text else data  # checked UTF-8 already
+        now = perf_counter()
+        shadow = self.shadow
+        if leg.is_shadow:
+            events = tracker.shadow_frame(value, now)
+            if shadow is not None:
+                if self.user_field is not None:
+                    self._withheld(events, shadow.backend)  # counted; never delivered anyway
+                shadow.check_settled()
+            return False
+        events = tracker.primary_frame(value, now)
+        return self.user_field is None or not self._withheld(events, self.backend)
 
     def _withheld(self, events: list[Event], backend: Backend) -> bool:
-        """Whether a frame carries another user's id; counted per backend."""
-        assert self.user_field is not None and self.user_id is not None
-        bad = sum(1 for e in events if not belongs_to(e, self.user_field, self.user_id))
+        """Whether a message carries another user's id; counted per backend."""
+        user_field, user_id = self.user_field, self.user_id
+        assert user_field is not None and user_id is not None
+        bad = 0
+        for event in events:
+            if not belongs_to(event, user_field, user_id):
+                bad += 1
         if bad:
             self.proxy.metrics.isolation_violations.labels(self.route, backend.value).inc(bad)
             log.warning(
@@ -347,161 +160,224 @@ class _Session:
             )
         return bad > 0
 
-    async def _watch_turns(self) -> None:
+    def _tick_soon(self) -> None:
         tracker = self.tracker
-        assert tracker is not None
-        step = max(0.01, min(0.5, tracker.idle / 4))
-        while True:
-            await asyncio.sleep(step)
-            tracker.tick(time.perf_counter())
+        if self._ticker is None and tracker is not None and not self.concluded:
+            step = max(0.01, min(0.5, tracker.idle / 4))
+            self._ticker = asyncio.get_running_loop().call_later(step, self._tick)
 
-    def _start_turn(self) -> None:
-        if self.turn_started is None:
-            self.turn_started = time.perf_counter()
+    def _tick(self) -> None:
+        """The turns' idle clock: runs while a turn is open."""
+        self._ticker = None
+        tracker = self.tracker
+        if tracker is None or self.concluded:
+            return
+        tracker.tick(perf_counter())
+        if self.shadow is not None:
+            self.shadow.check_settled()
+        if tracker.open:
+            self._tick_soon()
 
-    def _first_event(self) -> None:
-        if self.turn_started is not None:
-            self.first_event.observe(time.perf_counter() - self.turn_started)
-            self.turn_started = None
+    # -- the end
+
+    def ending(self, backend_ended: bool, failure: str | None) -> None:
+        tracker = self.tracker
+        if tracker is not None:
+            # Cut off by the client or the proxy, a turn is not compared; ended by the
+            # backend, it is compared as it stands.
+            self.owed = tracker.primary_over(
+                perf_counter(), cancelled=not backend_ended, error=failure
+            )
+
+    def ended(self) -> None:
+        # The user's session is over whatever the shadow still does: a shadow that owes
+        # turns finishes them on its own and concludes the session's turns when it ends;
+        # the client's closing handshake never waited for it.
+        shadow = self.shadow
+        if shadow is not None and not shadow.over:
+            shadow.finish(self.owed and not self.proxy.shadows.closing)
+        else:
+            self.conclude()
+
+    def conclude(self) -> None:
+        """Once the primary and the shadow are both over: conclude the turns still open."""
+        if self.concluded:
+            return
+        self.concluded = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        if self.tracker is not None:
+            self.tracker.close(perf_counter())
+
+    # -- the shadow leg's events
+
+    def mirror(self, data: bytes) -> None:
+        shadow = self.shadow
+        if shadow is not None:
+            shadow.forward(data)
+
+    def shadow_closed(self, leg: Leg, code: int) -> None:
+        if self.shadow is not None:
+            self.shadow.closed_by_backend()
+
+    def shadow_failed(self, leg: Leg, what: str) -> None:
+        if self.shadow is not None:
+            self.shadow.broke(what)
 
 
 class _Shadow:
-    """The session's shadow connection: same client messages, frames never delivered.
+    """A watched session's shadow leg: the client's frames go to it, its frames are
+    decoded for the turns and reach no one. It runs until the session has ended and
+    its owed turns are done (or it fails), and is held by the shadow runner meanwhile
+    (shutdown drains it, then cuts it)."""
 
-    Messages go through a bounded queue so that a shadow that reads slowly never makes
-    the primary wait; if the queue fills, the shadow is given up (counted), not the primary.
-    """
-
-    QUEUE = 256
-
-    def __init__(
-        self, session: _Session, backend: Backend, url: URL, headers: list[tuple[str, str]]
-    ) -> None:
+    def __init__(self, session: WatchedSession, backend: Backend) -> None:
         self.session = session
         self.backend = backend
-        self.url = url
-        self.headers = headers
-        self.queue: asyncio.Queue[str | bytes | None] = asyncio.Queue(self.QUEUE)
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.reader: asyncio.Task[None] | None = None
-        self.lost = False
-        # Set by finish(): the primary is over, and whether the shadow owes turns.
-        self.finished = False
+        self.leg = Leg(session, False, True)
+        self.leg.collects = True
+        self.backlog: list[bytes] | None = []  # client frames before its handshake is done
+        self.backlog_size = 0
+        # An unsent backlog past this gives the shadow up: it must never hold the client.
+        self.limit = 2 * session.limit
+        self.connecting: asyncio.Task[None] | None = None
+        self.finished = False  # the session has ended
         self.owed = False
+        self.failed = False
+        self.over = False  # it no longer runs: accounted for, released
         self.outcome = Outcome.SUCCESS
-        self.started = time.perf_counter()
+        self._timer: asyncio.TimerHandle | None = None
 
-    def forward(self, data: str | bytes) -> None:
-        if self.lost:
-            return
+    def start(self, target: str, block: bytes, offered: list[str]) -> None:
+        proxy = self.session.proxy
+        proxy.shadows.hold(self)
+        self.connecting = asyncio.get_running_loop().create_task(
+            self._connect(target, block, offered), name=f"shadow-{self.session.route}"
+        )
+
+    async def _connect(self, target: str, block: bytes, offered: list[str]) -> None:
+        session = self.session
         try:
-            self.queue.put_nowait(data)
-        except asyncio.QueueFull:
+            transport, rest, _ = await open_upstream(
+                session.proxy, self.backend, target, block, offered
+            )
+        except HandshakeFailed as failure:
+            self.connecting = None
+            self.outcome = failure.outcome
+            self.fail("unreachable", f"shadow connection failed: {failure}")
+            return
+        self.connecting = None
+        if self.over:
+            transport.abort()
+            return
+        leg = self.leg
+        transport.set_protocol(leg)
+        leg.connection_made(transport)
+        backlog, self.backlog = self.backlog, None
+        if backlog:
+            transport.write(b"".join(backlog))
+        if rest:
+            leg.data_received(rest)
+        transport.resume_reading()
+
+    def forward(self, data: bytes) -> None:
+        """Client frames, as the backend got them."""
+        if self.failed or self.over:
+            return
+        leg = self.leg
+        transport = leg.transport
+        if transport is None:
+            backlog = self.backlog
+            assert backlog is not None
+            self.backlog_size += len(data)
+            if self.backlog_size > self.limit:
+                self.fail("backlog", "the shadow fell behind the client's messages")
+                return
+            backlog.append(data)
+            return
+        if leg.closed or leg.close_sent:
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > self.limit:
             self.fail("backlog", "the shadow fell behind the client's messages")
 
     def finish(self, owed: bool) -> None:
-        """The session's primary is over: after the client's messages already queued,
-        wait (within the idle timeout) for the turns the shadow owes if ``owed``, then
-        end, concluding the session's turns."""
+        """The session has ended: wait (within the idle timeout) for the turns the
+        shadow owes if ``owed``, then end."""
         self.finished, self.owed = True, owed
-        try:
-            self.queue.put_nowait(None)
-        except asyncio.QueueFull:
-            self.fail("backlog", "the shadow fell behind the client's messages")
+        tracker = self.session.tracker
+        if not owed or self.failed or tracker is None or tracker.settled:
+            self.end()
+            return
+        self._timer = asyncio.get_running_loop().call_later(tracker.idle, self.end)
+
+    def check_settled(self) -> None:
+        """After a shadow message or a tick: the owed turns may be done."""
+        tracker = self.session.tracker
+        if self.finished and not self.over and tracker is not None and tracker.settled:
+            self.end()
+
+    def closed_by_backend(self) -> None:
+        leg = self.leg
+        leg.close_received = True
+        leg.deaf = True
+        if self.over:
+            leg.shut()  # the answer to the proxy's close
+            return
+        if not self.session.closing:
+            self.outcome = Outcome.BROKEN
+            self.fail("error", "the shadow backend closed the connection")
+        else:
+            self.end()
+
+    def broke(self, what: str) -> None:
+        """The shadow leg broke the protocol, sent too much, or was lost."""
+        if self.over:
+            return
+        self.outcome = Outcome.BROKEN
+        self.fail("error", what)
 
     def fail(self, reason: str, detail: str) -> None:
-        if self.lost:
+        if self.failed or self.over:
             return
-        self.lost = True
+        self.failed = True
         session = self.session
         session.proxy.shadows.drop(session.route, reason)
         if session.tracker is not None:
-            session.tracker.shadow_lost(detail, time.perf_counter())
+            session.tracker.shadow_lost(detail, perf_counter())
+        self.end()
 
-    async def run(self) -> None:
-        try:
-            await self._relay()
-        finally:
-            await self._stop()
-            if self.finished:  # the session has ended: the last one out concludes
-                await self.session.conclude()
+    def cancel(self) -> None:
+        """Cut at shutdown, once the drain time is over."""
+        if not self.over:
+            self.session.proxy.shadows.drop(self.session.route, "shutdown")
+            self.end()
 
-    async def _relay(self) -> None:
+    def end(self) -> None:
+        """Stop: close the connection, account for the shadow, and, the session over,
+        conclude its turns."""
+        if self.over:
+            return
+        self.over = True
+        self.backlog = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        connecting, self.connecting = self.connecting, None
+        if connecting is not None:
+            connecting.cancel()
+        leg = self.leg
+        if leg.transport is not None and not leg.closed:
+            leg.send_close(GOING_AWAY, b"")
+            if leg.close_received:
+                leg.shut()
+            else:
+                self._timer = asyncio.get_running_loop().call_later(_SHADOW_CLOSE_WAIT, leg.abort)
         session = self.session
         proxy = session.proxy
-        settings = proxy.settings.server
-        try:
-            self.ws = await proxy.shadow_session.ws_connect(
-                self.url,
-                headers=self.headers,
-                max_msg_size=settings.max_ws_message_bytes,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0),
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            self.outcome = Outcome.UNREACHABLE
-            self.fail("unreachable", f"shadow connection failed: {type(exc).__name__}")
-            return
-        self.reader = asyncio.create_task(self._read(self.ws), name="ws-shadow-reader")
-        try:
-            while not self.lost:
-                data = await self.queue.get()
-                if data is None:
-                    break
-                if isinstance(data, str):
-                    await self.ws.send_str(data)
-                else:
-                    await self.ws.send_bytes(data)
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            self.outcome = Outcome.BROKEN
-            self.fail("error", f"shadow connection failed: {type(exc).__name__}")
-        tracker = session.tracker
-        if self.owed and not self.lost and tracker is not None:
-            # The shadow usually lags: let it finish the turns the primary did.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(tracker.idle):
-                    await tracker.settled.wait()
-
-    async def _stop_reading(self) -> None:
-        reader, self.reader = self.reader, None
-        if reader is not None:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        session = self.session
-        tracker = session.tracker
-        assert tracker is not None
-        while True:
-            msg = await ws.receive()
-            if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-                events = tracker.shadow_frame(msg.data, time.perf_counter())
-                if session.user_field is not None:
-                    session._withheld(events, self.backend)  # counted; never delivered anyway
-                continue
-            if not session.closing:
-                self.outcome = Outcome.BROKEN
-                self.fail("error", "the shadow backend closed the connection")
-            return
-
-    async def _stop(self) -> None:
-        self.lost = True
-        metrics = self.session.proxy.metrics
-        # The reader goes first: a close() that has to break into a pending receive()
-        # waits on that receive, unbounded by the close timeout.
-        await self._stop_reading()
-        if self.ws is not None and not self.ws.closed:
-            await self.ws.close(code=WSCloseCode.GOING_AWAY)
-        failed = self.outcome in (Outcome.UNREACHABLE, Outcome.BROKEN, Outcome.TIMEOUT)
-        self.session.proxy.shadows.report(self.session.route, self.backend, not failed)
-        metrics.count_request(self.session.route, self.backend.value, "shadow", self.outcome.value)
-
-
-async def close_all(proxy: Proxy, code: int = WSCloseCode.GOING_AWAY) -> None:
-    """Close every open client session (shutdown: 1001)."""
-    sessions = list(proxy.websockets)
-    await asyncio.gather(
-        *(ws.close(code=code, message=b"proxy shutting down") for ws in sessions),
-        return_exceptions=True,
-    )
+        proxy.shadows.report(session.route, self.backend, self.outcome not in _FAILURES)
+        proxy.metrics.count_request(session.route, self.backend.value, "shadow", self.outcome)
+        if self.finished:
+            session.conclude()
+        proxy.shadows.release(self)

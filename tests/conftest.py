@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.services_fixtures"]
+pytest_plugins = ["tests.services_fixtures", "tests.raw_websocket"]
 
 
 @pytest.fixture
