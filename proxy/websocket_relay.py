@@ -267,6 +267,12 @@ class _Shadow:
             self.outcome = failure.outcome
             self.fail("unreachable", f"shadow connection failed: {failure}")
             return
+        except Exception as error:  # a shadow's failure is data, never the session's
+            log.exception("route %s: shadow connection failed", session.route)
+            self.connecting = None
+            self.outcome = Outcome.BROKEN
+            self.fail("error", f"shadow connection failed: {type(error).__name__}")
+            return
         self.connecting = None
         if self.over:
             transport.abort()

@@ -16,6 +16,7 @@ import pytest
 
 from proxy.app import ProxyServer
 from proxy.settings import Settings
+from proxy.websocket_direct import close_code_valid, handshake_refusal
 from tests.proxy_harness import flags_document, running_proxy, write_flags
 from tests.raw_websocket import (
     CLOSE,
@@ -36,6 +37,7 @@ from tests.raw_websocket import (
 )
 
 PATHS = ["direct", "watched"]
+KEY = base64.b64encode(b"0123456789abcdef").decode()
 
 
 def routes(path: str) -> list[dict[str, Any]]:
@@ -101,10 +103,51 @@ async def echoed(client: WsClient, backend: EchoBackend, text: bytes) -> None:
     assert (await client.recv()).payload == text
 
 
+# -- the rules, without sockets ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("codes", "valid"),
+    [
+        (range(0, 1000), False),
+        ([1000, 1001, 1002, 1003], True),
+        ([1004, 1005, 1006], False),
+        (range(1007, 1015), True),
+        ([1015], False),
+        (range(1016, 3000), False),
+        (range(3000, 5000), True),
+        ([5000, 65535], False),
+    ],
+)
+def test_close_codes_on_the_wire_are_those_rfc_6455_allows(codes: range, valid: bool) -> None:
+    assert all(close_code_valid(code) is valid for code in codes)
+
+
+@pytest.mark.parametrize(
+    ("version", "key", "status"),
+    [
+        ("13", KEY, None),
+        (" 13 ", KEY, None),
+        ("8", KEY, 426),
+        ("13, 8", KEY, 426),
+        ("", KEY, 426),
+        (None, KEY, 426),
+        ("8", None, 426),
+        ("13", None, 400),
+        ("13", "", 400),
+        ("13", base64.b64encode(b"x" * 15).decode(), 400),
+        ("13", base64.b64encode(b"x" * 17).decode(), 400),
+        ("13", "%%%%%%%%%%%%%%%%%%%%%%==", 400),
+    ],
+)
+def test_a_handshake_is_refused_426_for_the_version_then_400_for_the_key(
+    version: str | None, key: str | None, status: int | None
+) -> None:
+    refusal = handshake_refusal(version, key)
+    assert (refusal[0] if refusal is not None else None) == status
+
+
 # -- the client's handshake --------------------------------------------------------------------
-
-
-KEY = base64.b64encode(b"0123456789abcdef").decode()
 
 
 @pytest.mark.parametrize(
