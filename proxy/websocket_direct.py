@@ -123,9 +123,13 @@ def _unmask(payload: bytes, mask: bytes) -> bytes:
     return bytes(data)
 
 
+# Most messages are JSON in ASCII: a scan that makes no str. Called through the method
+# itself, held here: compiled, ``data.isascii()`` looks the method up by name each time.
+_isascii: Final = bytes.isascii
+
+
 def _utf8(data: bytes) -> bool:
-    # Most messages are JSON in ASCII: a scan without making a str.
-    if data.isascii():
+    if _isascii(data):
         return True
     try:
         data.decode()
@@ -532,7 +536,12 @@ class Leg(asyncio.Protocol):
                 payload = view[pos + head : end]
                 if masked:
                     payload = _unmask(payload, view[pos + head - 4 : pos + head])
-                if text and not self._valid_text(payload, fin != 0):
+                # A message in one frame, in ASCII, the common case: nothing more to check.
+                if (
+                    text
+                    and not (fin and self.utf8 is None and _isascii(payload))
+                    and not self._valid_text(payload, fin != 0)
+                ):
                     self._forward(view, start, pos)
                     session.violation(self, "a text message that is not UTF-8", INVALID_TEXT)
                     return

@@ -371,3 +371,48 @@ async def test_a_shadow_that_owes_a_turn_never_holds_up_the_clients_closing_hand
         )
         == 1
     )
+
+
+async def test_a_shadow_backend_that_never_answers_its_handshake_never_delays_the_session(
+    aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    legacy = await aiohttp_server(tagged_backend("legacy"))
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # reads the upgrade request and never answers
+
+    silent_server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    silent_url = f"http://127.0.0.1:{silent_server.sockets[0].getsockname()[1]}"
+    flags = write_flags(tmp_path / "flags.json", flags_document(rollout=0))
+    settings = tagged_settings(f"http://127.0.0.1:{legacy.port}", silent_url, flags)
+    settings = settings.model_copy(
+        update={"server": settings.server.model_copy(update={"read_timeout": 1.0})}
+    )
+    server = ProxyServer(settings, registry=CollectorRegistry())
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as client:
+            async with client.ws_connect(
+                server.proxy_url + "/ws/agent", headers={"X-User-Id": "u"}
+            ) as ws:
+                async with asyncio.timeout(0.5):  # well before the shadow's handshake gives up
+                    for turn in range(3):
+                        await ws.send_str(f"turn {turn}")
+                        frames = [json.loads(await ws.receive_str()) for _ in range(3)]
+                        assert [f["backend"] for f in frames] == ["legacy"] * 3
+                assert accepted  # the shadow's connection is there, its handshake unanswered
+                await asyncio.sleep(1.0)
+    finally:
+        await server.stop()
+        for writer in accepted:
+            writer.close()
+        silent_server.close()
+        await silent_server.wait_closed()
+    registry = server.metrics.registry
+    assert (
+        registry.get_sample_value(
+            "strangler_shadow_dropped_total", {"route": "agent", "reason": "unreachable"}
+        )
+        == 1
+    )
