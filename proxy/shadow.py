@@ -52,6 +52,20 @@ def shadow_refusal(
     return None
 
 
+def session_shadow(
+    route: RouteSettings, serving: Backend, draw: float, room: bool
+) -> tuple[Backend | None, str | None]:
+    """For a WebSocket session: the backend to shadow it on, or None and the reason
+    counted as a drop (None when it is only sampled out). A session never waits for a
+    shadow: when the runner has no ``room``, it goes unshadowed (``concurrency``)."""
+    refusal = shadow_refusal(route, "GET", 0, 0, draw)
+    if refusal is not None:
+        return None, None if refusal == "sampled_out" else refusal
+    if not room:
+        return None, "concurrency"
+    return shadow_backend(route, serving), None
+
+
 class CallbackShadow(Protocol):
     """A shadow relayed by callbacks, without a task: the runner can only cut it."""
 

@@ -31,7 +31,7 @@ from proxy.experiment import RouteExperiment
 from proxy.metrics import Outcome
 from proxy.routing import Backend, Route
 from proxy.server import Request
-from proxy.shadow import shadow_backend, shadow_refusal
+from proxy.shadow import session_shadow
 from proxy.turns import TurnTracker
 from proxy.websocket_direct import (
     GOING_AWAY,
@@ -98,15 +98,11 @@ class WatchedSession(Session):
         settings = route.settings
         proxy = self.proxy
         shadows = proxy.shadows
-        refusal = shadow_refusal(
-            settings, "GET", 0, proxy.settings.shadow.max_body_bytes, random.random()
+        target_backend, dropped = session_shadow(
+            settings, self.backend, random.random(), shadows.has_room()
         )
-        if refusal is not None and refusal != "sampled_out":
-            shadows.drop(route.name, refusal)
-        target_backend = shadow_backend(settings, self.backend) if refusal is None else None
-        if target_backend is not None and not shadows.has_room():
-            shadows.drop(route.name, "concurrency")
-            target_backend = None
+        if dropped is not None:
+            shadows.drop(route.name, dropped)
         if target_backend is not None and not shadows.admits(route.name, target_backend):
             target_backend = None
         self.tracker = TurnTracker(route, self.experiment, self.backend, target_backend)

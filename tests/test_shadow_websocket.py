@@ -15,7 +15,9 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry
 
 from proxy.app import ProxyServer
-from proxy.settings import Settings
+from proxy.routing import Backend
+from proxy.settings import RouteSettings, Settings
+from proxy.shadow import session_shadow
 from tests.proxy_harness import ADMIN_AUTH, ADMIN_TOKEN, flags_document, write_flags
 from tests.shadow_harness import TOOL_PROMPT, ServerFactory, Stack, shadow_stack
 
@@ -416,3 +418,31 @@ async def test_a_shadow_backend_that_never_answers_its_handshake_never_delays_th
         )
         == 1
     )
+
+
+LEGACY = Backend.LEGACY
+
+
+@pytest.mark.parametrize(
+    ("route", "serving", "draw", "room", "decision"),
+    [
+        ({"shadow": 1.0}, Backend.LEGACY, 0.5, True, (Backend.CANDIDATE, None)),
+        ({"shadow": 1.0}, Backend.CANDIDATE, 0.5, True, (Backend.LEGACY, None)),
+        ({"shadow": 1.0, "shadow_target": "legacy"}, Backend.LEGACY, 0.5, True, (LEGACY, None)),
+        ({"shadow": 0.25}, Backend.LEGACY, 0.5, True, (None, None)),
+        ({"shadow": 0.0}, Backend.LEGACY, 0.0, False, (None, None)),
+        ({"shadow": 1.0}, Backend.LEGACY, 0.5, False, (None, "concurrency")),
+        ({"shadow": 1.0, "shadow_methods": ["POST"]}, Backend.LEGACY, 0.5, True, (None, "method")),
+    ],
+)
+def test_a_session_is_shadowed_when_sampled_and_there_is_room_else_unshadowed_and_counted(
+    route: dict[str, object],
+    serving: Backend,
+    draw: float,
+    room: bool,
+    decision: tuple[Backend | None, str | None],
+) -> None:
+    settings = RouteSettings.model_validate(
+        {"name": "agent", "path": "/ws/agent", "protocol": "websocket", "flag": "f", **route}
+    )
+    assert session_shadow(settings, serving, draw, room) == decision
