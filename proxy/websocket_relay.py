@@ -66,7 +66,7 @@ async def close_all(proxy: Proxy, code: int = GOING_AWAY) -> None:
     """Close every open client session (shutdown: 1001)."""
     sessions = list(proxy.websockets)
     await asyncio.gather(
-        *(ws.close(code=code, message=b"proxy shutting down") for ws in sessions),
+        *[ws.close(code=code, message=b"proxy shutting down") for ws in sessions],
         return_exceptions=True,
     )
 
