@@ -363,6 +363,7 @@ class _Shadow:
             return
         self.over = True
         self.backlog = None
+        self.session.client.mirrors = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
