@@ -14,9 +14,23 @@ from typing import Any
 
 import orjson
 
+from flags.validation import document_problems, feature_label
+
 
 class FlagsDocumentError(ValueError):
-    """The features document is malformed; the message names the path inside it."""
+    """The features document is malformed or unsound; each problem names its path inside it.
+
+    ``problems`` lists them one by one (``strangler check`` prints a line each); the
+    message joins them.
+    """
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+    def within(self, source: object) -> FlagsDocumentError:
+        """The same problems, each prefixed with where the document came from."""
+        return FlagsDocumentError(*(f"{source}: {problem}" for problem in self.problems))
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +70,11 @@ class FlagSet:
 
 
 def parse_flags(raw: bytes | str | Mapping[str, Any]) -> FlagSet:
-    """Parse a features document given as JSON text or an already decoded mapping."""
+    """Parse and validate a features document given as JSON text or a decoded mapping.
+
+    A structural problem stops the parse at once; the values routing depends on are
+    then checked all together (``flags.validation``), so one error lists every one.
+    """
     if isinstance(raw, bytes | str):
         try:
             doc = orjson.loads(raw)
@@ -71,9 +89,10 @@ def parse_flags(raw: bytes | str | Mapping[str, Any]) -> FlagSet:
         raise FlagsDocumentError("features: must be a list")
     features: dict[str, Feature] = {}
     for index, item in enumerate(features_raw):
-        feature = _parse_feature(item, f"features[{index}]")
+        feature = _parse_feature(item, index)
         if feature.name in features:
-            raise FlagsDocumentError(f"features[{index}].name: duplicate feature {feature.name!r}")
+            label = feature_label(index, feature.name)
+            raise FlagsDocumentError(f"{label}: name: duplicate feature")
         features[feature.name] = feature
     segments: dict[int, tuple[Constraint, ...]] = {}
     for index, item in enumerate(_list(doc.get("segments", []), "segments")):
@@ -85,20 +104,25 @@ def parse_flags(raw: bytes | str | Mapping[str, Any]) -> FlagSet:
         segments[seg_id] = _parse_constraints(
             segment.get("constraints", []), f"{where}.constraints"
         )
+    problems = document_problems(doc)
+    if problems:
+        raise FlagsDocumentError(*problems)
     return FlagSet(features=features, segments=segments)
 
 
-def _parse_feature(item: object, where: str) -> Feature:
-    raw = _mapping(item, where)
+def _parse_feature(item: object, index: int) -> Feature:
+    raw = _mapping(item, f"features[{index}]")
     name = raw.get("name")
     if not isinstance(name, str) or not name:
-        raise FlagsDocumentError(f"{where}.name: must be a non-empty string")
+        raise FlagsDocumentError(f"features[{index}].name: must be a non-empty string")
+    # Past the name, a problem names the feature too: "features[3] "agent": enabled".
+    where = f"{feature_label(index, name)}: "
     enabled = raw.get("enabled", False)
     if not isinstance(enabled, bool):
-        raise FlagsDocumentError(f"{where}.enabled: must be true or false")
+        raise FlagsDocumentError(f"{where}enabled: must be true or false")
     strategies = tuple(
-        _parse_strategy(s, f"{where}.strategies[{i}]")
-        for i, s in enumerate(_list(raw.get("strategies", []), f"{where}.strategies"))
+        _parse_strategy(s, f"{where}strategies[{i}]")
+        for i, s in enumerate(_list(raw.get("strategies", []), f"{where}strategies"))
     )
     return Feature(name=name, enabled=enabled, strategies=strategies)
 

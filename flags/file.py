@@ -4,8 +4,10 @@ The file is watched by reading it every ``poll_interval`` and comparing its byte
 the document in force: a file's inode, size and modification time can all look the same
 after two quick atomic replaces (inode numbers are reused, timestamps are coarse), its
 bytes cannot.
-A snapshot is swapped whole, so a request always sees one consistent document; a
-document that fails to parse is logged and the last good snapshot stays in force.
+A snapshot is swapped whole, so a request always sees one consistent document. A
+document that fails to parse or to validate (``flags.validation``) at start is an error
+that stops the start; on a reload it is logged once, with the feature and field, and
+counted (``on_invalid``), and the last good snapshot stays in force.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from flags.document import FlagsDocumentError, FlagSet, parse_flags
@@ -33,7 +36,7 @@ def read_flags(path: Path) -> FlagSet:
     try:
         return parse_flags(raw)
     except FlagsDocumentError as invalid:
-        raise FlagsDocumentError(f"{path}: {invalid}") from invalid
+        raise invalid.within(path) from invalid
 
 
 class FileFlagProvider:
@@ -45,8 +48,19 @@ class FileFlagProvider:
         *,
         poll_interval: float = 1.0,
         static_context: Mapping[str, str] | None = None,
+        on_invalid: Callable[[], None] | None = None,
+        on_loaded: Callable[[float], None] | None = None,
+        fallback: bytes | None = None,
     ) -> None:
+        """``on_invalid`` is called for each refused document, ``on_loaded`` with the
+        time (Unix seconds) at which a document came into force. ``fallback`` is the last
+        good document of the proxy this provider serves in (a worker started again while
+        the file is unsound starts from it); without one, an unsound file stops the start.
+        """
         self.path = path
+        self.fallback = fallback
+        self.on_invalid = on_invalid
+        self.on_loaded = on_loaded
         self.poll_interval = poll_interval
         self.static_context = dict(static_context or {})
         self.reloads = 0
@@ -67,7 +81,18 @@ class FileFlagProvider:
 
     async def start(self) -> None:
         self._raw = self._read()
-        self._flags = read_flags(self.path)
+        try:
+            self._flags = read_flags(self.path)
+        except FlagsDocumentError as exc:
+            if self.fallback is None:
+                raise
+            self._flags = parse_flags(self.fallback)
+            self.reload_errors += 1
+            log.error("flags file refused, starting from the last good flags: %s", exc)
+            if self.on_invalid is not None:
+                self.on_invalid()
+        else:
+            self._loaded()  # (not for the fallback: the file did not load)
         self._decisions = {}
         self._watcher = asyncio.create_task(self._watch(), name="strangler-flags-file-watch")
 
@@ -103,15 +128,20 @@ class FileFlagProvider:
         try:
             flags = parse_flags(raw)
         except FlagsDocumentError as exc:
-            # Half-written or broken: keep serving the last good snapshot.
+            # Half-written or unsound: keep serving the last good snapshot.
             self.reload_errors += 1
             self._raw = raw  # report a broken document once, not on every poll
-            log.error("flags file %s not reloaded, keeping the previous flags: %s", self.path, exc)
+            log.error(
+                "flags file %s refused, the last good flags stay in force: %s", self.path, exc
+            )
+            if self.on_invalid is not None:
+                self.on_invalid()
             return False
         self._raw = raw
         self._flags = flags
         self._decisions = {}
         self.reloads += 1
+        self._loaded()
         # Wake whoever waits for this reload, then arm a fresh event for the next one.
         self._reloaded.set()
         self._reloaded = asyncio.Event()
@@ -121,6 +151,10 @@ class FileFlagProvider:
     async def wait_for_reload(self) -> None:
         """Return after the next snapshot is in force."""
         await self._reloaded.wait()
+
+    def _loaded(self) -> None:
+        if self.on_loaded is not None:
+            self.on_loaded(time.time())
 
     async def _watch(self) -> None:
         while True:

@@ -3,8 +3,13 @@
 The SDK (PyPI ``UnleashClient``) decides; it polls the server in its own scheduler
 thread, so decisions stay a plain synchronous call on the hot path. Bootstrapping from
 the flags file makes decisions right before the first sync and while the server is
-unreachable. The SDK's cache is replaced by an in-memory one that also keeps a parsed
-copy of every features document it receives, which feeds the rollout gauge.
+unreachable. The SDK's cache is replaced by an in-memory one that validates every
+features document the SDK fetches before the SDK's engine sees it (the engine is fed
+from the cache): a document that fails (``flags.validation``) is not stored, so the
+engine reloads the last good one; it is logged once with the feature and field, and
+counted. The cache also keeps a parsed copy of the document in force, which feeds the
+rollout gauge. (The SDK's streaming mode hands documents to its engine before the
+cache; the provider polls, where this holds.)
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +48,23 @@ logging.getLogger("UnleashClient").addFilter(_QuietPollErrors())
 
 
 class _MirrorCache(BaseCache):
-    """In-memory SDK cache that mirrors each features document as a parsed FlagSet."""
+    """In-memory SDK cache that keeps only sound features documents, and mirrors the
+    one in force as a parsed FlagSet (``accept`` parses it, or raises to refuse it)."""
 
-    def __init__(self, on_features: Any) -> None:
+    def __init__(self, accept: Callable[[Any], None]) -> None:
         super().__init__()
         self._data: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._on_features = on_features
+        self._accept = accept
 
     def set(self, key: str, value: Any) -> None:
+        if key == FEATURES_URL:
+            try:
+                self._accept(value)
+            except FlagsDocumentError:
+                return  # the engine reloads the last good document from this cache
         with self._lock:
             self._data[key] = value
-        if key == FEATURES_URL:
-            self._on_features(value)
 
     def mset(self, data: dict[str, Any]) -> None:
         for key, value in data.items():
@@ -87,11 +97,20 @@ class UnleashFlagProvider:
         refresh_interval: int = 15,
         bootstrap_file: Path | None = None,
         static_context: Mapping[str, str] | None = None,
+        on_invalid: Callable[[], None] | None = None,
+        on_loaded: Callable[[float], None] | None = None,
     ) -> None:
+        """``on_invalid`` is called for each refused document, ``on_loaded`` with the
+        time (Unix seconds) at which a document came into force; both may be called
+        from the SDK's thread."""
         self._flags: FlagSet | None = None
+        self.on_invalid = on_invalid
+        self.on_loaded = on_loaded
+        self.reload_errors = 0
+        self._refused: Any = None
         if bootstrap_file is not None:
             read_flags(bootstrap_file)  # refuse a broken bootstrap file with its name
-        self._cache = _MirrorCache(self._mirror)
+        self._cache = _MirrorCache(self._accept)
         if bootstrap_file is not None:
             self._cache.set(FEATURES_URL, bootstrap_file.read_text(encoding="utf-8"))
             self._cache.bootstrapped = True
@@ -136,8 +155,26 @@ class UnleashFlagProvider:
     def rollout_percent(self, flag: str) -> float:
         return rollout_percent(self.flags, flag)
 
-    def _mirror(self, raw: Any) -> None:
+    def _accept(self, raw: Any) -> None:
+        """Parse a document the SDK is about to store; raise FlagsDocumentError to refuse it."""
+        if raw == self._refused:
+            # Served again unchanged (a server without ETags): reported once already.
+            raise FlagsDocumentError("the document refused before")
         try:
-            self._flags = parse_flags(raw if isinstance(raw, str | bytes) else dict(raw))
+            flags = parse_flags(raw if isinstance(raw, str | bytes) else dict(raw))
         except (FlagsDocumentError, TypeError, ValueError) as exc:
-            log.error("features document from Unleash not mirrored: %s", exc)
+            self._refused = raw
+            self.reload_errors += 1
+            log.error(
+                "features document from Unleash refused, the last good flags stay in force: %s",
+                exc,
+            )
+            if self.on_invalid is not None:
+                self.on_invalid()
+            if isinstance(exc, FlagsDocumentError):
+                raise
+            raise FlagsDocumentError(str(exc)) from exc
+        self._refused = None
+        self._flags = flags
+        if self.on_loaded is not None:
+            self.on_loaded(time.time())

@@ -40,9 +40,11 @@ from proxy.websocket_relay import close_all
 log = logging.getLogger("strangler")
 
 
-def build_flag_provider(flags: FlagSettings) -> FlagProvider:
-    """The provider named by ``flags.provider``."""
+def build_flag_provider(flags: FlagSettings, metrics: Metrics | None = None) -> FlagProvider:
+    """The provider named by ``flags.provider``, counting refused documents in ``metrics``."""
     static_context = {"environment": flags.environment, "appName": flags.app_name}
+    on_invalid = None if metrics is None else metrics.flags_invalid.inc
+    on_loaded = None if metrics is None else metrics.flags_loaded.set
     if flags.provider == "unleash":
         assert flags.url is not None and flags.client_token is not None
         return UnleashFlagProvider(
@@ -54,10 +56,16 @@ def build_flag_provider(flags: FlagSettings) -> FlagProvider:
             refresh_interval=flags.refresh_interval,
             bootstrap_file=flags.file,
             static_context=static_context,
+            on_invalid=on_invalid,
+            on_loaded=on_loaded,
         )
     assert flags.file is not None
     return FileFlagProvider(
-        flags.file, poll_interval=flags.poll_interval, static_context=static_context
+        flags.file,
+        poll_interval=flags.poll_interval,
+        static_context=static_context,
+        on_invalid=on_invalid,
+        on_loaded=on_loaded,
     )
 
 
@@ -98,7 +106,9 @@ class ProxyServer:
         self.worker = worker
         self._gauges: asyncio.Task[None] | None = None
         self.metrics = Metrics(registry)
-        self.flags = flags if flags is not None else build_flag_provider(settings.flags)
+        self.flags = (
+            flags if flags is not None else build_flag_provider(settings.flags, self.metrics)
+        )
         self.store: DivergenceStore | None = (
             DivergenceStore(
                 settings.divergences.path,

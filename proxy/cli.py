@@ -74,20 +74,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check(path: Path) -> int:
-    """Validate the configuration and its flags file; print every problem."""
+    """Validate the configuration and its flags file; print every problem, one a line."""
     settings = _load_or_report(path)
     if settings is None:
         return 1
+    problems: list[str] = []
     if settings.flags.file is not None:
         try:
             flags = read_flags(settings.flags.file)
         except FlagsDocumentError as exc:
-            print(f"error: {path}: flags.file: {exc}", file=sys.stderr)
-            return 1
-        missing = [r.flag for r in settings.routes if flags.get(r.flag) is None]
-        for flag in missing:
-            # Not an error: a missing flag is off, so its route stays on legacy.
-            print(f"warning: flag {flag!r} is not in {settings.flags.file}: route stays on legacy")
+            problems += [f"flags.file: {problem}" for problem in exc.problems]
+        else:
+            for index, route in enumerate(settings.routes):
+                if flags.get(route.flag) is None:
+                    # At run time a missing flag is off: the route could never reach
+                    # the candidate, which is a mistake worth stopping a deployment for.
+                    problems.append(
+                        f"routes[{index}].flag: route {route.name!r}: flag {route.flag!r} is"
+                        f" not in {settings.flags.file}"
+                    )
+    for problem in problems:
+        print(f"error: {path}: {problem}", file=sys.stderr)
+    if problems:
+        return 1
     print(f"ok: {path}: {len(settings.routes)} route(s), flags provider {settings.flags.provider}")
     return 0
 

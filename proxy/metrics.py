@@ -152,6 +152,18 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        self.flags_invalid = Counter(
+            "strangler_flags_invalid_total",
+            "Flags documents refused as malformed or unsound; the last good flags stayed in"
+            " force (each process counts what it refused).",
+            registry=r,
+        )
+        self.flags_loaded = Gauge(
+            "strangler_flags_loaded_timestamp_seconds",
+            "Unix time at which the flags in force were loaded (the oldest among workers).",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -252,6 +264,19 @@ class Metrics:
         increments, self._increments = self._increments, {}
         for (metric, values), n in increments.items():
             self._child(metric, *values).inc(n)
+
+
+class SupervisorMetrics:
+    """The collectors of the process that supervises the workers, on a registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.worker_restarts = Counter(
+            "strangler_worker_restarts_total",
+            "Worker processes started again after they died, by how they ended.",
+            ["cause"],
+            registry=self.registry,
+        )
 
 
 class _Batch:

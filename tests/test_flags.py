@@ -45,7 +45,8 @@ def test_the_bucket_is_murmur3_of_group_and_user_as_unleash_computes_it() -> Non
             False,
         ),
         ({"name": "gradualRolloutUserId", "parameters": {"percentage": "100"}}, "u", True),
-        ({"name": "someCustomStrategy", "parameters": {}}, "u", False),
+        # Defined by Unleash, but not by user: held off (no user routes by address).
+        ({"name": "remoteAddress", "parameters": {"IPs": "127.0.0.1"}}, "u", False),
         (
             {
                 "name": "default",
@@ -109,9 +110,12 @@ def test_a_disabled_or_missing_flag_is_off_and_an_enabled_flag_without_strategie
     [
         ({"features": {}}, "features"),
         ({"features": [{"enabled": True}]}, "features[0].name"),
-        ({"features": [{"name": "a", "enabled": "yes"}]}, "features[0].enabled"),
-        ({"features": [{"name": "a", "strategies": [{"parameters": {}}]}]}, "strategies[0].name"),
-        ({"features": [{"name": "a"}, {"name": "a"}]}, "features[1].name"),
+        ({"features": [{"name": "a", "enabled": "yes"}]}, 'features[0] "a": enabled'),
+        (
+            {"features": [{"name": "a", "strategies": [{"parameters": {}}]}]},
+            'features[0] "a": strategies[0].name',
+        ),
+        ({"features": [{"name": "a"}, {"name": "a"}]}, 'features[1] "a": name: duplicate'),
     ],
 )
 def test_a_malformed_document_is_refused_with_the_path_inside_it(
@@ -244,3 +248,115 @@ async def test_no_request_fails_while_the_flags_file_is_rewritten(
     assert set(statuses) == {200}
     assert backends == {"legacy", "candidate"}
     assert provider.reloads == 7
+
+
+def unsound_document(rollout: str = "fifty") -> dict[str, Any]:
+    return flags_document(rollout=rollout)  # type: ignore[arg-type]
+
+
+async def test_an_unsound_document_on_reload_keeps_the_last_good_flags_logged_and_counted_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    refused: list[None] = []
+    loaded: list[float] = []
+    path = write_flags(tmp_path / "flags.json", flags_document(rollout=100))
+    provider = FileFlagProvider(
+        path,
+        poll_interval=3600,
+        on_invalid=lambda: refused.append(None),
+        on_loaded=loaded.append,
+    )
+    await provider.start()
+    try:
+        assert provider.is_enabled(FLAG, "u") and len(loaded) == 1
+        for rollout in ("fifty", "125"):
+            write_flags(path, unsound_document(rollout))
+            assert provider.reload_if_changed() is False
+            assert provider.reload_if_changed() is False  # the same file: not again
+            assert provider.is_enabled(FLAG, "u")  # 100 % still, not 0 %
+            assert provider.rollout_percent(FLAG) == 100
+        assert len(refused) == 2 and provider.reload_errors == 2
+        assert len(loaded) == 1
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 2
+        assert f'features[0] "{FLAG}": strategies[0].parameters.rollout: "fifty"' in errors[0]
+        assert '"125" is not an integer from 0 to 100' in errors[1]
+        assert "last good flags stay in force" in errors[0]
+        write_flags(path, flags_document(rollout=0))
+        assert provider.reload_if_changed() is True
+        assert not provider.is_enabled(FLAG, "u") and len(loaded) == 2
+    finally:
+        await provider.close()
+
+
+async def test_an_unsound_file_refuses_to_start_unless_a_last_good_document_is_given(
+    tmp_path: Path,
+) -> None:
+    path = write_flags(tmp_path / "flags.json", unsound_document())
+    with pytest.raises(FlagsDocumentError, match=r'flags\.json: features\[0\] "ssot-dispatcher"'):
+        await FileFlagProvider(path).start()
+    # A worker started again while the file is unsound starts from the proxy's last good.
+    refused: list[None] = []
+    last_good = json.dumps(flags_document(rollout=100)).encode()
+    provider = FileFlagProvider(path, fallback=last_good, on_invalid=lambda: refused.append(None))
+    await provider.start()
+    try:
+        assert provider.ready and provider.is_enabled(FLAG, "u")
+        assert len(refused) == 1
+        assert provider.reload_if_changed() is False and len(refused) == 1
+    finally:
+        await provider.close()
+
+
+async def test_the_unleash_provider_refuses_an_unsound_fetched_document_and_keeps_the_last_good(
+    aiohttp_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A loopback server speaking the client API: what it serves is what the SDK fetches.
+    served = {"document": flags_document(rollout=100)}
+    fetches: list[int] = []
+
+    async def features(request: web.Request) -> web.Response:
+        fetches.append(1)
+        return web.json_response(served["document"])
+
+    async def accepted(request: web.Request) -> web.Response:
+        return web.Response(status=202)
+
+    app = web.Application()
+    app.router.add_get("/api/client/features", features)
+    app.router.add_post("/api/client/{tail:.*}", accepted)
+    server = await aiohttp_server(app)
+    refused: list[None] = []
+    bootstrap = write_flags(tmp_path / "flags.json", flags_document(rollout=0))
+    provider = UnleashFlagProvider(
+        url=f"http://127.0.0.1:{server.port}",
+        client_token="token",
+        refresh_interval=1,
+        bootstrap_file=bootstrap,
+        on_invalid=lambda: refused.append(None),
+    )
+    await provider.start()
+    try:
+        await until(lambda: provider.is_enabled(FLAG, "u"))
+        served["document"] = unsound_document()
+        seen = len(fetches)
+        await until(lambda: len(fetches) >= seen + 2)  # refused, then fetched again
+        assert provider.is_enabled(FLAG, "u")  # the SDK's engine kept the last good
+        assert provider.rollout_percent(FLAG) == 100
+        # Served again unchanged (this server sends no ETag): reported once.
+        assert len(refused) == 1
+        [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert f'features[0] "{FLAG}": strategies[0].parameters.rollout: "fifty"' in error
+        served["document"] = flags_document(rollout=0)
+        await until(lambda: not provider.is_enabled(FLAG, "u"))
+    finally:
+        await provider.close()
+
+
+async def until(check: Any, within: float = 15.0) -> None:
+    """Wait, boundedly, for what a background poll brings about."""
+    for _ in range(int(within / 0.05)):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    assert check(), f"not true within {within} s"

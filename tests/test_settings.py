@@ -227,3 +227,36 @@ def test_run_refuses_a_bad_configuration_before_listening(config: Path) -> None:
     result = run_cli("run", "--config", str(config))
     assert result.returncode == 1
     assert f"{config}: routes[0].protocol" in result.stderr
+
+
+@pytest.mark.parametrize("rollout", ["fifty", "125", "-1", "50.5"])
+def test_check_refuses_a_rollout_that_is_not_an_integer_from_0_to_100(
+    config: Path, rollout: str
+) -> None:
+    flags_file = write_flags(config.parent / "flags.json", flags_document(rollout=rollout))  # type: ignore[arg-type]
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f'error: {config}: flags.file: {flags_file}: features[0] "ssot-dispatcher":'
+        f' strategies[0].parameters.rollout: "{rollout}" is not an integer from 0 to 100'
+        " (a string of digits, as Unleash serves it)"
+    ]
+
+
+def test_check_reports_a_route_whose_flag_is_not_in_the_flags_file(config: Path) -> None:
+    write_flags(config.parent / "flags.json", flags_document("another-flag"))
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: {config}: routes[0].flag: route 'agent': flag 'ssot-dispatcher' is not in"
+        f" {config.parent / 'flags.json'}"
+    ]
+
+
+def test_run_refuses_an_unsound_flags_file_and_names_it(config: Path) -> None:
+    write_flags(config.parent / "flags.json", flags_document(rollout="fifty"))  # type: ignore[arg-type]
+    result = run_cli("run", "--config", str(config))
+    assert result.returncode == 1
+    assert 'flags.json: features[0] "ssot-dispatcher": strategies[0].parameters.rollout' in (
+        result.stderr
+    )

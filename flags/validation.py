@@ -1,0 +1,123 @@
+"""What a features document must say for routing to be trusted (pure).
+
+The structure (objects, lists, names) is checked while parsing (``flags.document``);
+this module checks the values that decide who goes where, over the decoded JSON, and
+returns every problem at once, each naming the feature and the field:
+
+- a rollout (``flexibleRollout`` ``rollout``, ``gradualRollout*`` ``percentage``) is a
+  string of digits from 0 to 100, as Unleash serves it. A JSON number is refused: the
+  Unleash Admin API refuses one, and the official SDK's engine reads ``50`` (and
+  ``"125"``, ``"50.0"``, ``" 50"``) as 0 % without a warning, so a document holding one
+  would route differently under the ``file`` and ``unleash`` providers;
+- a strategy is one Unleash defines (a typo, or a custom strategy no client here
+  implements, would silently keep every user on legacy);
+- a stickiness is one Unleash defines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+# The strategies an Unleash server defines; routing decides by the user-keyed ones
+# (default, userWithId, gradualRolloutUserId, flexibleRollout) and holds the others off.
+KNOWN_STRATEGIES = frozenset(
+    {
+        "default",
+        "userWithId",
+        "gradualRolloutUserId",
+        "gradualRolloutSessionId",
+        "gradualRolloutRandom",
+        "flexibleRollout",
+        "remoteAddress",
+        "applicationHostname",
+    }
+)
+KNOWN_STICKINESS = frozenset({"default", "userId", "sessionId", "random"})
+
+_ROLLOUT_PARAMETER = {
+    "flexibleRollout": "rollout",
+    "gradualRolloutUserId": "percentage",
+    "gradualRolloutSessionId": "percentage",
+    "gradualRolloutRandom": "percentage",
+}
+
+
+def feature_label(index: int, name: object) -> str:
+    """``features[3] "ssot-dispatcher"``: where a feature is, and which one."""
+    if isinstance(name, str) and name:
+        return f"features[{index}] {_shown(name)}"
+    return f"features[{index}]"
+
+
+def document_problems(doc: Mapping[str, Any]) -> list[str]:
+    """Every value in the document that routing cannot trust; empty when it is sound."""
+    features = doc.get("features")
+    if not isinstance(features, list):
+        return []  # a structural problem, reported by the parser
+    problems: list[str] = []
+    for index, feature in enumerate(features):
+        if not isinstance(feature, Mapping):
+            continue
+        label = feature_label(index, feature.get("name"))
+        strategies = feature.get("strategies") or []
+        if not isinstance(strategies, list):
+            continue
+        for position, strategy in enumerate(strategies):
+            if isinstance(strategy, Mapping):
+                where = f"{label}: strategies[{position}]"
+                problems.extend(strategy_problems(strategy, where))
+    return problems
+
+
+def strategy_problems(strategy: Mapping[str, Any], where: str) -> list[str]:
+    """The problems of one strategy; ``where`` prefixes each."""
+    name = strategy.get("name")
+    if name not in KNOWN_STRATEGIES:
+        known = ", ".join(sorted(KNOWN_STRATEGIES))
+        return [f"{where}.name: {_shown(name)} is not a strategy Unleash defines ({known})"]
+    parameters = strategy.get("parameters") or {}
+    if not isinstance(parameters, Mapping):
+        return []  # a structural problem, reported by the parser
+    problems = []
+    rollout_key = _ROLLOUT_PARAMETER.get(str(name))
+    if rollout_key is not None:
+        value = parameters.get(rollout_key)
+        if not is_rollout(value):
+            shown = "missing" if rollout_key not in parameters else _shown(value)
+            problems.append(
+                f"{where}.parameters.{rollout_key}: {shown} is not an integer from 0 to 100"
+                " (a string of digits, as Unleash serves it)"
+            )
+    if name == "flexibleRollout" and "stickiness" in parameters:
+        stickiness = parameters["stickiness"]
+        # Unleash serves an empty stickiness for "default" on older documents.
+        if stickiness != "" and stickiness not in KNOWN_STICKINESS:
+            known = ", ".join(sorted(KNOWN_STICKINESS))
+            problems.append(
+                f"{where}.parameters.stickiness: {_shown(stickiness)} is not a stickiness"
+                f" Unleash defines ({known})"
+            )
+    return problems
+
+
+def is_rollout(value: object) -> bool:
+    """One to three ASCII digits whose value is 0 to 100 (``"007"`` is 7, as Unleash reads it)."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= 3
+        and value.isascii()
+        and value.isdigit()
+        and int(value) <= 100
+    )
+
+
+def _shown(value: object) -> str:
+    """A value as it reads in the JSON document, bounded so a huge one cannot flood a log."""
+    try:
+        text = orjson.dumps(value).decode()
+    except TypeError:
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
