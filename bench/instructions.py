@@ -186,17 +186,24 @@ def main(argv: list[str] | None = None) -> int:
         config = directory / "strangler.toml"
         config.write_text(strangler_config(port, admin_port, ports, StranglerSetup(), directory))
         (directory / "flags.json").write_text(json.dumps(flags_document(50)))
+        # `strangler run` supervises its worker, forked by a fork server it starts: every
+        # process runs under callgrind, and the worker's counters are the ones read.
         command = [
             "valgrind",
             "--tool=callgrind",
-            f"--callgrind-out-file={directory / 'callgrind.out'}",
+            "--trace-children=yes",
+            f"--callgrind-out-file={directory / 'callgrind.out.%p'}",
             *(PYTHON, STRANGLER, "run", "--config", str(config)),
         ]
-        process = supervisor.start("strangler", command, "proxy", directory / "strangler.log")
-        wait_until(http_get_ok(admin_port, "/readyz"), process, "strangler", timeout=300)
+        log_file = directory / "strangler.log"
+        process = supervisor.start("strangler", command, "proxy", log_file)
+        wait_until(http_get_ok(admin_port, "/readyz"), process, "strangler", timeout=600)
+        worker = re.search(r"worker 0 \(pid (\d+)\) serving", log_file.read_text())
+        if worker is None:
+            raise BenchError("strangler is ready but did not log its worker's pid")
         print(f"strangler under callgrind, {args.exchanges:,} exchanges a workload")
         for workload in workloads:
-            per_exchange = count(process.pid, directory, port, workload, args.exchanges)
+            per_exchange = count(int(worker.group(1)), directory, port, workload, args.exchanges)
             print(f"  {workload:<7} {per_exchange:>9,} instructions per exchange")
     except BenchError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from types import TracebackType
 
 from aiohttp import web
@@ -40,8 +41,14 @@ from proxy.websocket_relay import close_all
 log = logging.getLogger("strangler")
 
 
-def build_flag_provider(flags: FlagSettings, metrics: Metrics | None = None) -> FlagProvider:
-    """The provider named by ``flags.provider``, counting refused documents in ``metrics``."""
+def build_flag_provider(
+    flags: FlagSettings, metrics: Metrics | None = None, fallback: bytes | None = None
+) -> FlagProvider:
+    """The provider named by ``flags.provider``, counting refused documents in ``metrics``.
+
+    ``fallback``: the last good flags file of the proxy a worker serves in (see
+    ``FileFlagProvider``).
+    """
     static_context = {"environment": flags.environment, "appName": flags.app_name}
     on_invalid = None if metrics is None else metrics.flags_invalid.inc
     on_loaded = None if metrics is None else metrics.flags_loaded.set
@@ -66,6 +73,7 @@ def build_flag_provider(flags: FlagSettings, metrics: Metrics | None = None) -> 
         static_context=static_context,
         on_invalid=on_invalid,
         on_loaded=on_loaded,
+        fallback=fallback,
     )
 
 
@@ -80,8 +88,8 @@ def _no_fallback() -> asyncio.Protocol:
     return _Refuse()
 
 
-def _listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    sock = socket.create_server((host, port), backlog=1024, reuse_port=reuse_port)
+def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.create_server((host, port), backlog=1024)
     sock.setblocking(False)
     return sock
 
@@ -89,9 +97,10 @@ def _listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
 class ProxyServer:
     """A proxy and its admin listener, started and stopped as one.
 
-    As one of several worker processes (``worker=True``) it shares its port with the
-    others (SO_REUSEPORT) and has no admin listener: the supervisor serves it, with the
-    metrics of every worker (see ``proxy.workers``).
+    As a worker process (``worker=True``) it serves on a listening socket its
+    supervisor made (``listen_fd``; the supervisor keeps it open, so connections wait
+    in its backlog while a worker that died is started again) and has no admin listener:
+    the supervisor serves it, with the metrics of every worker (see ``proxy.workers``).
     """
 
     def __init__(
@@ -101,13 +110,18 @@ class ProxyServer:
         registry: CollectorRegistry | None = None,
         flags: FlagProvider | None = None,
         worker: bool = False,
+        listen_fd: int | None = None,
+        flags_fallback: bytes | None = None,
     ) -> None:
         self.settings = settings
         self.worker = worker
+        self.listen_fd = listen_fd
         self._gauges: asyncio.Task[None] | None = None
         self.metrics = Metrics(registry)
         self.flags = (
-            flags if flags is not None else build_flag_provider(settings.flags, self.metrics)
+            flags
+            if flags is not None
+            else build_flag_provider(settings.flags, self.metrics, flags_fallback)
         )
         self.store: DivergenceStore | None = (
             DivergenceStore(
@@ -175,7 +189,11 @@ class ProxyServer:
         await self.flags.start()
         if self.worker:
             self._gauges = asyncio.create_task(self._refresh_gauges(proxy))
-        proxy_sock = _listen(server.host, server.port, reuse_port=self.worker)
+        if self.listen_fd is not None:
+            proxy_sock = socket.socket(fileno=self.listen_fd)
+            proxy_sock.setblocking(False)
+        else:
+            proxy_sock = _listen(server.host, server.port)
         self.proxy_port = proxy_sock.getsockname()[1]
         self._http = HttpServer(
             build_handler(proxy),
@@ -186,6 +204,9 @@ class ProxyServer:
             key_header=self.settings.identity.header,
         )
         await self._http.start(proxy_sock)
+        if self.worker:
+            log.info("worker (pid %d) serving on %s", os.getpid(), self.proxy_url)
+            return
         log.info(
             "strangler %s (%s) listening on %s (admin %s), legacy %s, candidate %s, flags %s",
             __version__,
@@ -254,17 +275,25 @@ class ProxyServer:
         await self.stop()
 
 
-async def serve(settings: Settings, *, worker: bool = False, ready_fd: int | None = None) -> int:
+async def serve(
+    settings: Settings,
+    *,
+    worker: bool = False,
+    listen_fd: int | None = None,
+    on_ready: Callable[[], None] | None = None,
+    flags_fallback: bytes | None = None,
+) -> int:
     """Run until SIGTERM or SIGINT, then drain and return the exit status.
 
-    A worker process writes one line to ``ready_fd`` once it serves, so that its
-    supervisor knows when every worker is ready.
+    ``on_ready`` is called once the proxy serves (a worker tells its supervisor).
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = ProxyServer(settings, worker=worker)
+    server = ProxyServer(
+        settings, worker=worker, listen_fd=listen_fd, flags_fallback=flags_fallback
+    )
     try:
         await server.start()
     except BaseException:
@@ -275,9 +304,8 @@ async def serve(settings: Settings, *, worker: bool = False, ready_fd: int | Non
     # class of the dependencies (a pause that showed in the shadowed runs' p99).
     gc.collect()
     gc.freeze()
-    if ready_fd is not None:
-        os.write(ready_fd, b"ready\n")
-        os.close(ready_fd)
+    if on_ready is not None:
+        on_ready()
     await stop.wait()
     log.info("signal received: draining (grace %.1f s)", settings.server.shutdown_grace)
     await server.stop()

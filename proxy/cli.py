@@ -33,33 +33,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _load_or_report(Path(args.config))
         if settings is None:
             return 1
-        from proxy.app import serve
-        from proxy.workers import supervise
+        from proxy.workers import WorkerStartError, supervise
 
         try:
-            if settings.server.workers > 1:
-                return _run(supervise(settings, Path(args.config)))
-            return _run(serve(settings))
+            return _run(supervise(settings, Path(args.config)))
         except FlagsDocumentError as exc:
-            print(f"strangler: flags: {exc}", file=sys.stderr)
+            for problem in exc.problems:
+                print(f"strangler: flags: {problem}", file=sys.stderr)
             return 1
-        except OSError as exc:
+        except (OSError, WorkerStartError) as exc:
             print(f"strangler: cannot start: {exc}", file=sys.stderr)
             return 1
-    if command == "worker":
+    if command == "forkserver":
         settings = _load_or_report(Path(args.config))
         if settings is None:
             return 1
-        server = settings.server.model_copy(update={"port": args.port})
-        from proxy.app import serve
-        from proxy.workers import die_with_parent
+        from proxy.workers import run_forkserver
 
-        die_with_parent()
-        return _run(
-            serve(
-                settings.model_copy(update={"server": server}), worker=True, ready_fd=args.ready_fd
-            )
-        )
+        listen_fds = [int(fd) for fd in args.listen_fds.split(",")]
+        return run_forkserver(settings, listen_fds, args.events_fd, args.supervisor_pid)
     if command == "demo":
         from proxy.demo import run_demo
 
@@ -143,10 +135,11 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a self-contained demonstration, no external service")
     demo.add_argument("--duration", type=float, default=40.0, metavar="SECONDS")
     demo.add_argument("--no-live", action="store_true", help="print lines instead of a live view")
-    worker = sub.add_parser("worker", help=argparse.SUPPRESS)
-    worker.add_argument("--config", required=True)
-    worker.add_argument("--port", type=int, required=True)
-    worker.add_argument("--ready-fd", type=int, required=True)
+    forkserver = sub.add_parser("forkserver", help=argparse.SUPPRESS)
+    forkserver.add_argument("--config", required=True)
+    forkserver.add_argument("--listen-fds", required=True)
+    forkserver.add_argument("--events-fd", type=int, required=True)
+    forkserver.add_argument("--supervisor-pid", type=int, required=True)
     disp = sub.add_parser("dispatcher", help="run a demo tool dispatcher backend")
     disp.add_argument("--name", choices=["legacy", "candidate"], required=True)
     disp.add_argument("--host", default="127.0.0.1")

@@ -121,6 +121,7 @@ async def strangler_process(config: Path) -> AsyncIterator[StranglerProcess]:
         if match:
             break
     running = StranglerProcess(proc, match.group(1), match.group(2))
+    running.log.extend(seen)
     running._reader = asyncio.create_task(running._read_log())
     try:
         yield running
