@@ -99,20 +99,32 @@ class UnleashFlagProvider:
         static_context: Mapping[str, str] | None = None,
         on_invalid: Callable[[], None] | None = None,
         on_loaded: Callable[[float], None] | None = None,
+        fallback: bytes | None = None,
     ) -> None:
         """``on_invalid`` is called for each refused document, ``on_loaded`` with the
         time (Unix seconds) at which a document came into force; both may be called
-        from the SDK's thread."""
+        from the SDK's thread. ``fallback``: the last good bootstrap document of the
+        proxy this provider serves in, for a bootstrap file found unsound."""
         self._flags: FlagSet | None = None
         self.on_invalid = on_invalid
         self.on_loaded = on_loaded
         self.reload_errors = 0
         self._refused: Any = None
-        if bootstrap_file is not None:
-            read_flags(bootstrap_file)  # refuse a broken bootstrap file with its name
         self._cache = _MirrorCache(self._accept)
         if bootstrap_file is not None:
-            self._cache.set(FEATURES_URL, bootstrap_file.read_text(encoding="utf-8"))
+            try:
+                read_flags(bootstrap_file)  # refuse a broken bootstrap file with its name
+                bootstrap = bootstrap_file.read_text(encoding="utf-8")
+            except (FlagsDocumentError, OSError, UnicodeDecodeError) as exc:
+                if fallback is None:
+                    raise
+                # A worker started again while the file is unsound: the last good copy.
+                log.error("flags bootstrap file refused, starting from the last good: %s", exc)
+                bootstrap = fallback.decode()
+                self.reload_errors += 1
+                if on_invalid is not None:
+                    on_invalid()
+            self._cache.set(FEATURES_URL, bootstrap)
             self._cache.bootstrapped = True
         self.static_context = dict(static_context or {})
         self._client = UnleashClient(

@@ -46,8 +46,8 @@ def build_flag_provider(
 ) -> FlagProvider:
     """The provider named by ``flags.provider``, counting refused documents in ``metrics``.
 
-    ``fallback``: the last good flags file of the proxy a worker serves in (see
-    ``FileFlagProvider``).
+    ``fallback``: the last good flags (or bootstrap) file of the proxy a worker serves
+    in, for a file found unsound when the worker starts.
     """
     static_context = {"environment": flags.environment, "appName": flags.app_name}
     on_invalid = None if metrics is None else metrics.flags_invalid.inc
@@ -65,6 +65,7 @@ def build_flag_provider(
             static_context=static_context,
             on_invalid=on_invalid,
             on_loaded=on_loaded,
+            fallback=fallback,
         )
     assert flags.file is not None
     return FileFlagProvider(

@@ -446,8 +446,8 @@ def run_forkserver(
     """``strangler forkserver``: import everything once, then fork a worker per request.
 
     Requests are lines ``spawn INDEX`` on stdin; each fork is reported on ``events_fd``
-    as ``spawned INDEX PID``. It also follows the flags file, so that a worker started
-    again while the file is unsound starts from the last good document.
+    as ``spawned INDEX PID``. It also follows the flags (or bootstrap) file, so that a
+    worker started again while the file is unsound starts from the last good document.
     """
     import proxy.app  # noqa: F401  (what a worker runs, imported before any fork)
 
@@ -478,8 +478,8 @@ def run_forkserver(
 
 
 def _last_good_flags(settings: Settings, last_good: bytes | None) -> bytes | None:
-    path = settings.flags.file
-    if settings.flags.provider != "file" or path is None:
+    path = settings.flags.file  # the flags file, or the Unleash provider's bootstrap
+    if path is None:
         return None
     try:
         raw = path.read_bytes()

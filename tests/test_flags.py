@@ -360,3 +360,21 @@ async def until(check: Any, within: float = 15.0) -> None:
             return
         await asyncio.sleep(0.05)
     assert check(), f"not true within {within} s"
+
+
+def test_an_unsound_unleash_bootstrap_file_refuses_to_start_unless_a_last_good_is_given(
+    tmp_path: Path,
+) -> None:
+    bootstrap = write_flags(tmp_path / "flags.json", unsound_document("125"))
+    offline = {"url": "http://127.0.0.1:9", "client_token": "unused", "refresh_interval": 3600}
+    with pytest.raises(FlagsDocumentError, match=r'flags\.json: features\[0\] "ssot-dispatcher"'):
+        UnleashFlagProvider(bootstrap_file=bootstrap, **offline)  # type: ignore[arg-type]
+    refused: list[None] = []
+    provider = UnleashFlagProvider(
+        bootstrap_file=bootstrap,
+        fallback=json.dumps(flags_document(rollout=100)).encode(),
+        on_invalid=lambda: refused.append(None),
+        **offline,  # type: ignore[arg-type]
+    )
+    assert provider.is_enabled(FLAG, "u") and provider.rollout_percent(FLAG) == 100
+    assert len(refused) == 1
