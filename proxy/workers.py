@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ class Supervisor:
         self._forkserver_exited: asyncio.Future[int] | None = None
         self._forkserver_deaths = 0
         self._pending: set[int] = set()
+        self._ready_early: set[int] = set()
         self._startup: asyncio.Future[None] | None = None
         # The workers write divergences to the shared SQLite file; the supervisor reads it.
         divergences = settings.divergences
@@ -262,8 +264,10 @@ class Supervisor:
             worker, pid = self.workers[int(index_text)], int(pid_text)
             if what == "spawned":
                 self._on_spawned(worker, pid)
-            elif what == "ready" and worker.pid == pid:
+            elif worker.pid == pid:
                 self._on_ready(worker, pid)
+            else:  # ready before the fork server's word reached here
+                self._ready_early.add(pid)
 
     def _on_spawned(self, worker: Worker, pid: int) -> None:
         self._pending.discard(worker.index)
@@ -273,6 +277,11 @@ class Supervisor:
         worker.exited.add_done_callback(
             lambda done: self._on_worker_exit(worker, pid, done.result())
         )
+        if self.draining:  # forked from a request sent before the drain began
+            os.kill(pid, signal.SIGTERM)
+        elif pid in self._ready_early:
+            self._ready_early.discard(pid)
+            self._on_ready(worker, pid)
 
     def _on_ready(self, worker: Worker, pid: int) -> None:
         worker.ready = True
@@ -330,29 +339,36 @@ class Supervisor:
             startup.set_exception(WorkerStartError(reason))
 
     def _watch(self, pid: int) -> asyncio.Future[int]:
-        """The exit status of a child process (negative: the signal that ended it)."""
+        """The exit status of a child process (negative: the signal that ended it).
+
+        A thread per child waits for it: workers are re-parented here, so they are not
+        children the event loop knows of (uvloop keeps SIGCHLD to itself), and a pidfd
+        is not available under valgrind, where the instruction count runs the proxy.
+        """
         loop = asyncio.get_running_loop()
         exited: asyncio.Future[int] = loop.create_future()
-        pidfd = os.pidfd_open(pid)
 
-        def reap() -> None:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
+        def settle(code: int) -> None:
+            if not exited.done():
+                exited.set_result(code)
+
+        def wait() -> None:
             try:
                 _, status = os.waitpid(pid, 0)
                 code = os.waitstatus_to_exitcode(status)
             except ChildProcessError:  # not re-parented here: the status is not ours
                 code = 255
-            if not exited.done():
-                exited.set_result(code)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(settle, code)
 
-        loop.add_reader(pidfd, reap)
+        threading.Thread(target=wait, name=f"strangler-wait-{pid}", daemon=True).start()
         return exited
 
     async def stop(self) -> int:
         """Drain every worker and return the exit status."""
         self.draining = True
-        self._fail_start("shutting down")
+        if self._startup is not None and not self._startup.done():
+            self._startup.cancel()
         for worker in self.workers:
             if worker.restart is not None:
                 worker.restart.cancel()
