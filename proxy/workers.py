@@ -187,6 +187,9 @@ class Supervisor:
         assert self._events is not None
         fds = [sock.fileno() for sock in self._sockets]
         events = self._events[1]
+        if self._forkserver is not None and self._forkserver.stdin is not None:
+            with contextlib.suppress(OSError):  # the pipe of the one that died
+                self._forkserver.stdin.close()
         self._forkserver = subprocess.Popen(
             [
                 sys.executable,
@@ -376,7 +379,8 @@ class Supervisor:
         # that each is closed as its worker stops accepting.
         forkserver = self._forkserver
         if forkserver is not None and forkserver.stdin is not None:
-            forkserver.stdin.close()  # end of requests: it exits
+            with contextlib.suppress(OSError):  # (a dead one's pipe may hold a request)
+                forkserver.stdin.close()  # end of requests: it exits
             if self._forkserver_exited is not None:
                 try:
                     await asyncio.wait_for(asyncio.shield(self._forkserver_exited), 10.0)

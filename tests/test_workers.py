@@ -118,6 +118,10 @@ def serving(running: StranglerProcess) -> dict[int, int]:
     return slots
 
 
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 async def fresh_get(url: str, user: str) -> tuple[int, str]:
     # A connection of its own, so the kernel picks a worker's socket for it anew.
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as client:
@@ -253,3 +257,22 @@ async def test_the_supervisors_admin_listener_keeps_divergences_behind_the_token
             for path in ("/healthz", "/readyz", "/metrics"):
                 async with client.get(running.admin_url + path) as resp:
                     assert resp.status == 200, path
+
+
+async def test_a_fork_server_that_dies_is_started_again_and_workers_go_on_serving(
+    tmp_path: Path, backend_url: str
+) -> None:
+    async with strangler(tmp_path, backend_url, workers=1) as running:
+        worker = serving(running)[0]
+        [forkserver] = [child for child in children(running.proc.pid) if child != worker]
+        os.kill(forkserver, signal.SIGKILL)
+        await until(lambda: any("the fork server" in line for line in running.log))
+        assert f"the fork server (pid {forkserver}) killed by SIGKILL" in "".join(running.log)
+        assert (await fresh_get(running.proxy_url, "u"))[0] == 200
+        # The next worker comes from the new fork server.
+        os.kill(worker, signal.SIGSEGV)
+        await until(lambda: serving(running)[0] != worker)
+        assert (await fresh_get(running.proxy_url, "u"))[0] == 200
+        assert await ready_status(running) == 200
+        running.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(running.proc.wait(), 15) == 0
