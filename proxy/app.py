@@ -221,11 +221,13 @@ class ProxyServer:
 
     async def _refresh_gauges(self, proxy: Proxy) -> None:
         # Without an admin listener of its own, a worker keeps its gauges current, and
-        # its batched observations flushed, for the supervisor's scrapes.
+        # its batched observations flushed, for the supervisor's scrapes. Once a second:
+        # a flush writes each value to its shared file, and Prometheus scrapes every few
+        # seconds at the most.
         while True:
             refresh_rollout_gauges(proxy)
             proxy.metrics.flush()
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)
 
     async def _serve(self, runner: web.BaseRunner, sock: socket.socket) -> None:
         await runner.setup()

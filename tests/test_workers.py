@@ -145,7 +145,7 @@ async def test_two_workers_share_the_port_and_the_supervisor_sums_their_metrics(
             )
             await sock.send_str("hi")
             assert await sock.receive_str() == "hi"
-            # Workers flush their batched request counts every half second.
+            # Workers flush their batched request counts every second.
             served = 0.0
             for _ in range(100):
                 requests = await metric(running, "strangler_requests_total")
