@@ -134,3 +134,21 @@ async def strangler_process(config: Path) -> AsyncIterator[StranglerProcess]:
                 proc.kill()
         await proc.wait()
         await running._reader
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident memory of a process and all its descendants."""
+    total = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            for task in Path(f"/proc/{current}/task").iterdir():
+                children = (task / "children").read_text().split()
+                pending.extend(int(child) for child in children)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        match = re.search(r"VmRSS:\s+(\d+) kB", status)
+        total += int(match.group(1)) * 1024 if match else 0
+    return total

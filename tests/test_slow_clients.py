@@ -24,6 +24,7 @@ from proxy.settings import ConfigError, load_settings
 from tests.proxy_harness import (
     flags_document,
     make_settings,
+    rss_bytes,
     running_proxy,
     strangler_process,
     write_flags,
@@ -492,24 +493,6 @@ async def test_a_streamed_body_is_retried_on_a_stale_connection_only_if_it_can_b
 
 
 # --- memory, in a proxy of its own -----------------------------------------------------
-
-
-def rss_bytes(pid: int) -> int:
-    """The resident memory of a process and all its descendants."""
-    total = 0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            status = Path(f"/proc/{current}/status").read_text()
-            for task in Path(f"/proc/{current}/task").iterdir():
-                children = (task / "children").read_text().split()
-                pending.extend(int(child) for child in children)
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        match = re.search(r"VmRSS:\s+(\d+) kB", status)
-        total += int(match.group(1)) * 1024 if match else 0
-    return total
 
 
 async def discard(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

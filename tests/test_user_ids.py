@@ -251,17 +251,24 @@ async def test_an_id_that_is_not_utf8_is_served_by_legacy_on_every_path_and_the_
         for user in ("u-1", "zoë", "日本"):
             got = await status_and_backend(proxy.proxy_url, http_head("/api/x", user.encode()))
             assert got == (200, "candidate"), user
-        async with aiohttp.ClientSession() as client:
-            async with client.get(proxy.admin_url + "/metrics") as resp:
-                text = await resp.text()
-    counted = {
-        sample.labels["route"]: sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "strangler_invalid_user_ids"
-        for sample in family.samples
-        if sample.name == "strangler_invalid_user_ids_total"
-    }
-    assert counted == {label: 1.0 for _, label, _, _, _ in PATHS}
+        expected = {label: 1.0 for _, label, _, _, _ in PATHS}
+        counted: dict[str, float] = {}
+        # Workers write their counts for the supervisor's /metrics once a second.
+        for _ in range(50):
+            async with aiohttp.ClientSession() as client:
+                async with client.get(proxy.admin_url + "/metrics") as resp:
+                    text = await resp.text()
+            counted = {
+                sample.labels["route"]: sample.value
+                for family in text_string_to_metric_families(text)
+                if family.name == "strangler_invalid_user_ids"
+                for sample in family.samples
+                if sample.name == "strangler_invalid_user_ids_total"
+            }
+            if counted == expected:
+                break
+            await asyncio.sleep(0.1)
+    assert counted == expected
     release.set()
 
 
