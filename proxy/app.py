@@ -78,17 +78,6 @@ def build_flag_provider(
     )
 
 
-class _Refuse(asyncio.Protocol):
-    """Nothing is handed off: every WebSocket session is the proxy's own relay."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
-
-
-def _no_fallback() -> asyncio.Protocol:
-    return _Refuse()
-
-
 def _listen(host: str, port: int) -> socket.socket:
     sock = socket.create_server((host, port), backlog=1024)
     sock.setblocking(False)
@@ -198,7 +187,6 @@ class ProxyServer:
         self.proxy_port = proxy_sock.getsockname()[1]
         self._http = HttpServer(
             build_handler(proxy),
-            _no_fallback,
             keepalive_timeout=server.keepalive_timeout,
             header_timeout=server.header_timeout,
             body_timeout=server.body_timeout,

@@ -121,8 +121,7 @@ NO_DEFECT: Mapping[str, object] = {"drop": [], "leak_user": None}
 # The demo dispatchers' turns for one prompt differ in length by up to about 1.1 s at
 # time scale 1: the candidate thinks faster and each side draws its own tool latencies.
 # A WebSocket user waits that long after its last answer before closing the session, so
-# that the lagging shadow's last turn has ended too: the proxy means to wait for it, but
-# does not yet (TurnTracker.settled is never cleared) and compares a cut-short turn.
+# that the lagging shadow's last turn has ended too and is compared whole.
 _SLOWEST_SHADOW_LAG = 1.2
 # Plus room for the event loop, which runs users, proxy and both dispatchers alike.
 _SCHEDULING_ROOM = 0.2

@@ -25,10 +25,9 @@ the client lost, its buffer drained) and ends it with ``respond``/``end``; ``run
 such a request into a task after all. Headers stay the bytes the client sent
 (``raw_headers``) until someone asks for them as text.
 
-A WebSocket upgrade is the handler's to take: ``detach`` takes the connection away
-(the proxy's own frame relay), ``hand_off`` gives it, connection and bytes, to aiohttp's
-server (``fallback``), which owns it from then on. CONNECT is refused (405); any other
-upgrade offer (``h2c``) is ignored and the request served as HTTP/1.1.
+A WebSocket upgrade is the handler's to take: ``detach`` takes the connection away (the
+proxy's own frame relay). CONNECT is refused (405); any other upgrade offer (``h2c``) is
+ignored and the request served as HTTP/1.1.
 """
 
 from __future__ import annotations
@@ -63,7 +62,6 @@ RawHeaders = list[tuple[bytes, bytes]]
 # has answered already or serves the request by callbacks (see Request.on_events): an
 # awaitable is only for a request it has not answered yet.
 Handler = Callable[["Request"], Awaitable[None] | None]
-Fallback = Callable[[], asyncio.Protocol]
 
 
 class ClientWatcher(Protocol):
@@ -544,13 +542,6 @@ class Request:
         self.started = self.finished = True
         return self._conn.detach(self), self.rest
 
-    def hand_off(self) -> None:
-        """Give the connection, with this request's bytes, to the fallback server."""
-        if self.started or not self.upgrade:
-            raise RuntimeError("only an unanswered upgrade request can be handed off")
-        self.started = self.finished = True
-        self._conn.hand_off(self)
-
     def _head(self, status: int, reason: str, block: bytes, framing: bytes, data: bytes) -> bytes:
         """The response head (``block`` and ``framing`` its header lines) and ``data``
         after it, as one bytes object (one copy)."""
@@ -573,17 +564,6 @@ class Request:
             if len(_STATUS_LINES) < 512:
                 _STATUS_LINES[status] = (reason, line)
         return b"".join((line, block, framing, connection, b"\r\n", data))
-
-    def raw_head(self) -> bytes:
-        """The request head as it came (names and values as sent), but for the target,
-        always a path (an absolute-form target's authority becomes the Host)."""
-        head = to_wire(f"{self.method} {self.target} HTTP/{self.version}\r\n")
-        host = to_wire(self.host) if self.host is not None else None
-        lines = [
-            b"%b: %b\r\n" % (name, host if host is not None and name.lower() == b"host" else value)
-            for name, value in self.raw_headers
-        ]
-        return head + b"".join(lines) + b"\r\n"
 
 
 class _Connection(asyncio.Protocol):
@@ -1043,21 +1023,6 @@ class _Connection(asyncio.Protocol):
         self._server.connection_gone()
         return transport
 
-    def hand_off(self, request: Request) -> None:
-        transport = self._transport
-        assert transport is not None
-        self._active = None
-        self._task = None
-        self._disarm()
-        self.lost = True  # for this protocol: the connection is someone else's now
-        self._server.connections.discard(self)
-        protocol = self._server.fallback()
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        protocol.data_received(request.raw_head() + request.rest)
-        transport.resume_reading()
-        self._server.connection_gone()
-
     def _refuse(self, status: int, detail: str) -> None:
         """Answer a request that cannot be parsed, then close."""
         self._request = None
@@ -1245,7 +1210,6 @@ class HttpServer:
     def __init__(
         self,
         handler: Handler,
-        fallback: Fallback,
         *,
         keepalive_timeout: float = 75.0,
         header_timeout: float = 20.0,
@@ -1259,7 +1223,6 @@ class HttpServer:
         self.key_header = key_header.lower().encode("latin-1") if key_header else b""
         # Request header name, as spelt -> what it is to the parser callbacks (_KEY...).
         self.fields: dict[bytes, int] = {}
-        self.fallback = fallback
         self.keepalive_timeout = keepalive_timeout
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout

@@ -350,7 +350,7 @@ async def test_the_listener_reads_the_fields_it_acts_on_in_any_spelling() -> Non
         seen.append((request.key, request.host, request.length, body, request.upgrade))
         request.respond(200, "OK", [], b"")
 
-    server = HttpServer(handler, asyncio.Protocol, key_header="X-User-Id")
+    server = HttpServer(handler, key_header="X-User-Id")
     for i in range(5000):  # past the bound of the name cache
         server.field(b"X-Filler-%d" % i)
     sock = socket.create_server(("127.0.0.1", 0))
