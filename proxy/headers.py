@@ -9,7 +9,7 @@ speak for the proxy: its ``X-Strangler-*`` headers are dropped. The proxy adds t
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, AnyStr, Final, Generic, NamedTuple
+from typing import Any, Final
 
 HOP_BY_HOP = frozenset(
     {
@@ -98,36 +98,11 @@ _FORWARDED_FOR: Final = 32
 _KINDS_MAX: Final = 4096  # header names are the client's to choose: the cache stops growing
 
 
-class _Spelling(NamedTuple, Generic[AnyStr]):
-    """The same hygiene over text (aiohttp's headers) or bytes (the parsers' own)."""
-
-    connection: AnyStr
-    comma: AnyStr
-    prefix: AnyStr
-    forwarded_for: AnyStr
-    hop_by_hop: frozenset[AnyStr]
-    request_drop: frozenset[AnyStr]
-    websocket_drop: frozenset[AnyStr]
-
-
-_TEXT: Final = _Spelling(
-    "connection",
-    ",",
-    PROXY_OWNED_PREFIX,
-    "x-forwarded-for",
-    HOP_BY_HOP,
-    _REQUEST_DROP,
-    _WEBSOCKET_DROP,
-)
-_BYTES: Final = _Spelling(
-    b"connection",
-    b",",
-    PROXY_OWNED_PREFIX.encode(),
-    b"x-forwarded-for",
-    _b(HOP_BY_HOP),
-    _b(_REQUEST_DROP),
-    _b(_WEBSOCKET_DROP),
-)
+# The names the hygiene matches, as the parsers give them (bytes), in lower case.
+_HOP_BY_HOP: Final = _b(HOP_BY_HOP)
+_REQUEST_DROP_B: Final = _b(_REQUEST_DROP)
+_WEBSOCKET_DROP_B: Final = _b(_WEBSOCKET_DROP)
+_PREFIX: Final = PROXY_OWNED_PREFIX.encode()
 # The X-Forwarded-Proto line of each scheme, made once.
 _PROTO_LINES: Final = {p: b"X-Forwarded-Proto: %b\r\n" % p.encode() for p in ("http", "https")}
 # The methods most requests carry: the listener and the upstream client each derive
@@ -149,24 +124,24 @@ def length_line(size: int) -> bytes:
     return line
 
 
-# Header name (as spelt, str or bytes) -> its kind bits.
-_KINDS: Final[dict[Any, int]] = {}
+# Header name (as spelt) -> its kind bits.
+_KINDS: Final[dict[bytes, int]] = {}
 
 
-def _kind(name: Any, spelling: _Spelling[Any]) -> int:
+def _kind(name: bytes) -> int:
     lower = name.lower()
     kind = 0
-    if lower in spelling.hop_by_hop:
+    if lower in _HOP_BY_HOP:
         kind |= _HOP
-    if lower in spelling.request_drop:
+    if lower in _REQUEST_DROP_B:
         kind |= _REQUEST
-    if lower in spelling.websocket_drop:
+    if lower in _WEBSOCKET_DROP_B:
         kind |= _WEBSOCKET
-    if lower == spelling.connection:
+    if lower == b"connection":
         kind |= _CONNECTION
-    if lower.startswith(spelling.prefix):
+    if lower.startswith(_PREFIX):
         kind |= _OWNED
-    if lower == spelling.forwarded_for:
+    if lower == b"x-forwarded-for":
         kind |= _FORWARDED_FOR
     if len(_KINDS) < _KINDS_MAX:
         _KINDS[name] = kind
@@ -174,28 +149,24 @@ def _kind(name: Any, spelling: _Spelling[Any]) -> int:
 
 
 def _clean(
-    headers: Iterable[tuple[AnyStr, AnyStr]],
-    drop: int,
-    spelling: _Spelling[AnyStr],
-) -> tuple[list[tuple[AnyStr, AnyStr]], list[AnyStr]]:
+    headers: Iterable[tuple[bytes, bytes]], drop: int
+) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
     """The headers without those of the ``drop`` kind, those a Connection header names
     and the proxy's own; and the X-Forwarded-For values, taken out (unless Connection
     names it)."""
-    out: list[tuple[AnyStr, AnyStr]] = []
-    forwarded_for: list[AnyStr] = []
-    # Typed Any: compiled, the body is one for both spellings, not one per spelling.
-    named: set[Any] | None = None
-    comma: Any = spelling.comma
+    out: list[tuple[bytes, bytes]] = []
+    forwarded_for: list[bytes] = []
+    named: set[bytes] | None = None
     kinds = _KINDS
     for name, value in headers:
         kind = kinds.get(name)
         if kind is None:
-            kind = _kind(name, spelling)
+            kind = _kind(name)
         if kind == 0:
             out.append((name, value))
         elif kind & drop:
             if kind & _CONNECTION:
-                tokens = {token.strip().lower() for token in value.split(comma)}
+                tokens = {token.strip().lower() for token in value.split(b",")}
                 named = tokens if named is None else named | tokens
         elif kind & _FORWARDED_FOR:
             forwarded_for.append(value)
@@ -203,42 +174,12 @@ def _clean(
             out.append((name, value))
     if named:
         # Most often it names only what goes anyway (keep-alive, close, upgrade).
-        named = {token for token in named if token and not _kind(token, spelling) & drop}
+        named = {token for token in named if token and not _kind(token) & drop}
     if named:
         out = [(name, value) for name, value in out if name.lower() not in named]
-        if spelling.forwarded_for in named:
+        if b"x-forwarded-for" in named:
             forwarded_for = []
     return out, forwarded_for
-
-
-def upstream_request_headers(
-    headers: Iterable[tuple[str, str]],
-    *,
-    client_ip: str | None,
-    proto: str,
-    host: str | None,
-    websocket: bool = False,
-) -> Headers:
-    """The client's request headers as the backend should see them.
-
-    ``host`` becomes ``X-Forwarded-Host``: the listener's checked authority (see
-    ``proxy.request_head``), never a client's header copied unchecked (the client's own
-    ``X-Forwarded-Host`` is dropped with the other forwarding headers).
-
-    Content-Length goes too: the body is relayed whole and framed anew. With
-    ``websocket`` the handshake headers go as well: the upstream client performs its own
-    handshake; only the subprotocol offer is carried over (separately), never the
-    client's key or extensions.
-    """
-    out, forwarded_for = _clean(headers, _WEBSOCKET if websocket else _REQUEST, _TEXT)
-    if client_ip:
-        forwarded_for.append(client_ip)
-    if forwarded_for:
-        out.append(("X-Forwarded-For", ", ".join(forwarded_for)))
-    out.append(("X-Forwarded-Proto", proto))
-    if host:
-        out.append(("X-Forwarded-Host", host))
-    return out
 
 
 def upstream_request_block(
@@ -249,9 +190,19 @@ def upstream_request_block(
     host: str | None,
     websocket: bool = False,
 ) -> bytes:
-    """``upstream_request_headers`` over a parser's raw headers, as the header lines of
-    the upstream request (each ending CRLF)."""
-    out, forwarded_for = _clean(headers, _WEBSOCKET if websocket else _REQUEST, _BYTES)
+    """The client's request headers (a parser's raw headers) as the backend should see
+    them, as the header lines of the upstream request (each ending CRLF).
+
+    ``host`` becomes ``X-Forwarded-Host``: the listener's checked authority (see
+    ``proxy.request_head``), never a client's header copied unchecked (the client's own
+    ``X-Forwarded-Host`` is dropped with the other forwarding headers).
+
+    Content-Length goes too: the body is framed anew. With ``websocket`` the handshake
+    headers go as well: the proxy performs its own handshake with the backend; only
+    the subprotocol offer is carried over (separately), never the client's key or
+    extensions.
+    """
+    out, forwarded_for = _clean(headers, _WEBSOCKET if websocket else _REQUEST)
     lines = [b"%b: %b\r\n" % (name, value) for name, value in out]
     if client_ip:
         forwarded_for.append(client_ip.encode())
@@ -273,7 +224,7 @@ def downstream_response_block(
     headers, those a Connection header names and the proxy's own dropped,
     ``X-Strangler-Backend`` added; as header lines without Content-Length, and the
     Content-Length value, if there was one."""
-    out, forwarded_for = _clean(headers, _HOP, _BYTES)
+    out, forwarded_for = _clean(headers, _HOP)
     length = None
     lines = []
     for name, value in out:
