@@ -181,7 +181,6 @@ class Request:
         "_framing",
         "_head_only",
         "_headers",
-        "_high",
         "_limit",
         "_pending",
         "_remaining",
@@ -237,7 +236,6 @@ class Request:
         self._body: list[bytes] = []
         self._body_size = 0
         self._pending = 0  # of the body size: what waits in _body
-        self._high = BODY_HIGH
         self._timed_out = False  # the body stalled (see _Connection.check)
         self._body_done = False
         self._bad: str | None = None
@@ -293,7 +291,7 @@ class Request:
         if self._limit < 0 or self._body_size <= self._limit:
             self._body.append(data)
             self._pending += len(data)
-            if self._pending > self._high:
+            if self._pending > BODY_HIGH:
                 self._conn.hold_body()
         self._wake()
 
@@ -316,37 +314,6 @@ class Request:
             or self._pending != self._body_size
         ):
             return None
-        body = self._body
-        if len(body) == 1:
-            return body[0]
-        return b"".join(body)
-
-    async def read_body(self, limit: int) -> bytes:
-        """The whole body; BodyTooLarge once it passes ``limit`` bytes, BadBody if its
-        framing is broken."""
-        if self.length > limit:
-            raise BodyTooLarge
-        self._limit = limit
-        if self._body_size > limit:
-            raise BodyTooLarge
-        # Held whole: the limit bounds it, not the mark.
-        self._high = max(limit, BODY_HIGH)
-        self._conn.release_body()
-        self._ask_for_body()
-        while not self._body_done:
-            if self._bad is not None:
-                raise BadBody(self._bad)
-            if self._timed_out:
-                raise BodyTimeout("no request body bytes within the body timeout")
-            if self._conn.lost:
-                raise ClientGone("the client closed the connection")
-            self._waiter = self._conn.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-            if self._body_size > limit:
-                raise BodyTooLarge
         body = self._body
         if len(body) == 1:
             return body[0]
