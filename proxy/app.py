@@ -87,10 +87,11 @@ def _listen(host: str, port: int) -> socket.socket:
 class ProxyServer:
     """A proxy and its admin listener, started and stopped as one.
 
-    As a worker process (``worker=True``) it serves on a listening socket its
-    supervisor made (``listen_fd``; the supervisor keeps it open, so connections wait
+    Given a listening socket its supervisor made (``listen_fd``) it is a worker
+    process: it serves on that socket (the supervisor keeps it open, so connections wait
     in its backlog while a worker that died is started again) and has no admin listener:
     the supervisor serves it, with the metrics of every worker (see ``proxy.workers``).
+    Without one it serves in-process, on its own listeners (the demo, the tests).
     """
 
     def __init__(
@@ -99,12 +100,11 @@ class ProxyServer:
         *,
         registry: CollectorRegistry | None = None,
         flags: FlagProvider | None = None,
-        worker: bool = False,
         listen_fd: int | None = None,
         flags_fallback: bytes | None = None,
     ) -> None:
         self.settings = settings
-        self.worker = worker
+        self.worker = listen_fd is not None
         self.listen_fd = listen_fd
         self._gauges: asyncio.Task[None] | None = None
         self.metrics = Metrics(registry)
@@ -269,7 +269,6 @@ class ProxyServer:
 async def serve(
     settings: Settings,
     *,
-    worker: bool = False,
     listen_fd: int | None = None,
     on_ready: Callable[[], None] | None = None,
     flags_fallback: bytes | None = None,
@@ -282,9 +281,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = ProxyServer(
-        settings, worker=worker, listen_fd=listen_fd, flags_fallback=flags_fallback
-    )
+    server = ProxyServer(settings, listen_fd=listen_fd, flags_fallback=flags_fallback)
     try:
         await server.start()
     except BaseException:

@@ -56,7 +56,3 @@ class Proxy:
         self.draining = False
         # Read on every request: one native attribute, not three lookups into settings.
         self.max_body_bytes = settings.server.max_body_bytes
-
-    @property
-    def identity_header(self) -> str:
-        return self.settings.identity.header

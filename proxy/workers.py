@@ -72,7 +72,6 @@ class Worker:
     index: int
     pid: int | None = None
     ready: bool = False
-    restarts: int = 0
     quick_deaths: int = 0
     started_at: float = 0.0
     died_at: float | None = None
@@ -316,7 +315,6 @@ class Supervisor:
         now = time.monotonic()
         lived = now - worker.started_at
         worker.quick_deaths, delay = next_restart(worker.quick_deaths, lived)
-        worker.restarts += 1
         worker.died_at = now
         self.metrics.worker_restarts.labels(exit_cause(code)).inc()
         if delay == 0:
@@ -570,7 +568,6 @@ def _worker(
         code = uvloop.run(
             serve(
                 settings,
-                worker=True,
                 listen_fd=listen_fds[index],
                 on_ready=ready,
                 flags_fallback=last_good,
