@@ -79,6 +79,9 @@ LINGER_SECONDS: Final = 5.0
 BODY_HIGH: Final = 64 * 1024
 _WRITE_HIGH: Final = 64 * 1024
 _NO_BODY_STATUS: Final = frozenset({204, 304})
+# The error name of a refusal's JSON body by its status; any other (431, 405) is
+# "bad_request", as is 400.
+_ERRORS: Final[dict[int, str]] = {408: "request_timeout", 505: "http_version_not_supported"}
 # What a request header's name is to the parser callbacks, as bits (see HttpServer.field).
 _KEY: Final = 1  # the key header (the user id)
 _HOST: Final = 2
@@ -991,7 +994,8 @@ class _Connection(asyncio.Protocol):
         return transport
 
     def _refuse(self, status: int, detail: str) -> None:
-        """Answer a request that cannot be parsed, then close."""
+        """Answer a request that cannot be parsed, or a head that did not come whole in
+        time (408), then close."""
         self._request = None
         self._queue.clear()
         transport = self._transport
@@ -1007,7 +1011,7 @@ class _Connection(asyncio.Protocol):
                 active._bad = detail
                 active._wake()
             return
-        error = "http_version_not_supported" if status == 505 else "bad_request"
+        error = _ERRORS.get(status, "bad_request")
         body = orjson.dumps({"error": error, "detail": detail})
         head = (
             f"HTTP/1.1 {status} {_reason(status)}\r\nContent-Type: application/json\r\n"
@@ -1132,28 +1136,14 @@ class _Connection(asyncio.Protocol):
                 return
             since = self._watch_since
         if now - since >= server.header_timeout:
-            self._time_out_head(server.header_timeout)
+            # Lingering, as after any early answer, so that bytes still on their way
+            # cannot reset the connection before the client has read the answer.
+            self._refuse(408, f"request head not complete within {server.header_timeout:g} s")
 
     def _close(self) -> None:
         self.closing = True
         if self._transport is not None:
             self._transport.close()
-
-    def _time_out_head(self, timeout: float) -> None:
-        """A request head that did not come whole in time: 408, then close (lingering,
-        as after any early answer, so that bytes still on their way cannot reset the
-        connection before the client has read the answer)."""
-        transport = self._transport
-        if transport is None:
-            return
-        detail = f"request head not complete within {timeout:g} s"
-        body = orjson.dumps({"error": "request_timeout", "detail": detail})
-        head = (
-            "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode()
-        transport.write(head + body)
-        self._linger()
 
     @property
     def busy(self) -> bool:
