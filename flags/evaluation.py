@@ -32,8 +32,9 @@ def normalized_hash(identifier: str, group_id: str, modulus: int = 100) -> int:
 
 def is_utf8_text(text: str) -> bool:
     """Whether ``text`` encodes to UTF-8: no lone surrogates, which is how bytes that were
-    not UTF-8 arrive from a decoder that escapes them (aiohttp's, ``headers.from_wire``).
-    An id that is not is no user id: never bucketed, never handed to murmur3."""
+    not UTF-8 decode with surrogate escapes (``headers.from_wire``). The listener decodes
+    the user id strictly, so none comes from the wire; this keeps one a caller made from
+    reaching code that hands a str to murmur3 unchecked (the Unleash SDK's)."""
     if text.isascii():
         return True
     try:
@@ -60,7 +61,8 @@ def is_enabled(
     if not feature.strategies:
         return True
     context: dict[str, str] = dict(static_context) if static_context else {}
-    if user_id and is_utf8_text(user_id):
+    if user_id:
+        # An id UTF-8 cannot carry is bucketed nobody (see _bucket), never hashed.
         context["userId"] = user_id
     return any(_strategy_on(feature, s, context, flags) for s in feature.strategies)
 
@@ -112,8 +114,8 @@ def _strategy_on(
 
 
 def _bucket(user_id: str, group_id: str) -> int:
-    # A group id UTF-8 cannot carry (the user id was checked) buckets nobody: 101 is
-    # above every percentage, so the strategy is off, as for a user without an id.
+    # A user or group id UTF-8 cannot carry buckets nobody (normalized_hash refuses to
+    # hand it to murmur3): 101 is above every percentage, so the strategy is off.
     try:
         return normalized_hash(user_id, group_id)
     except UnicodeEncodeError:
