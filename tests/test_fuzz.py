@@ -75,6 +75,9 @@ from tests.proxy_harness import StranglerProcess, flags_document, strangler_proc
 SEED = int(os.environ.get("STRANGLER_TEST_FUZZ_SEED", "1206"))
 HTTP_CASES = int(os.environ.get("STRANGLER_TEST_FUZZ_HTTP_CASES", "4000"))
 WS_CASES = int(os.environ.get("STRANGLER_TEST_FUZZ_WS_CASES", "500"))
+# The whole run, proxy and backends started and stopped, is done within a minute at the
+# default counts (longer counts get as much more).
+RUN_WITHIN = 60.0 * max(1.0, HTTP_CASES / 4000, WS_CASES / 500)
 
 HTTP_AT_ONCE = 96
 WS_AT_ONCE = 32
@@ -670,6 +673,8 @@ async def test_a_fuzzed_proxy_stays_up_answers_well_formed_and_frames_every_requ
                 check_ws(run, ws_case, ws_outcomes[ws_case.number], ws_mine, record)
     elapsed = time.monotonic() - started
     counts += f", {len(record.received)} backend requests, {elapsed:.1f} s"
+    if elapsed >= RUN_WITHIN:
+        run.fail(f"the run ends within {RUN_WITHIN:g} s", None, f"it took {elapsed:.1f} s")
     if run.failures:
         pytest.fail(report(run, counts), pytrace=False)
     print(report(run, counts))
