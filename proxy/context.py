@@ -56,3 +56,5 @@ class Proxy:
         self.draining = False
         # Read on every request: one native attribute, not three lookups into settings.
         self.max_body_bytes = settings.server.max_body_bytes
+        # A message (or a JSON answer) held whole for the isolation check: at most this.
+        self.max_message_bytes = settings.server.max_ws_message_bytes

@@ -73,6 +73,7 @@ _FAILURES: Final = {
     "backend_unreachable": "cannot be reached",
     "backend_timeout": "did not answer in time",
     "backend_error": "failed to answer",
+    "response_too_large": "answered with more than the proxy holds",
 }
 
 
@@ -471,8 +472,19 @@ class _Exchange:
             if upstream.complete or (self.user_field is not None and protocol == "json"):
                 # The whole body came with the head (or must be seen whole before it may
                 # go out): answer in one write, nothing to stream.
+                # Held whole, so bounded: an endless or huge answer must not grow the
+                # proxy. The bound of a message held whole for the same isolation check
+                # on a WebSocket route (one that came whole is already in hand).
+                limit = -1 if upstream.complete else self.proxy.max_message_bytes
+                parts: list[bytes] = []
+                size = 0
                 try:
-                    parts = [chunk async for chunk in upstream]
+                    async for chunk in upstream:
+                        size += len(chunk)
+                        if size > limit >= 0:
+                            detail = f"an answer held whole passed {limit} bytes"
+                            return self._fail(502, "response_too_large", detail, Outcome.TOO_LARGE)
+                        parts.append(chunk)
                 except UpstreamError as broken:
                     return self._fail(502, "backend_error", str(broken), Outcome.BROKEN)
                 payload = parts[0] if len(parts) == 1 else b"".join(parts)
