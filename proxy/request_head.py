@@ -6,6 +6,8 @@ repeated or not an authority (RFC 3986: a reg-name or IPv4 address, or an IP lit
 brackets, and an optional port of digits), a target that is neither a path nor an
 absolute http(s) URI (``*`` only for OPTIONS), an HTTP version other than 1.0 and 1.1.
 What passes is the only Host text the proxy ever passes on (``X-Forwarded-Host``).
+The path a request is routed by has its dot-segments resolved (``routing_path``), as a
+backend resolves them: ``/agent/../internal`` is not a request for the ``/agent`` route.
 """
 
 from __future__ import annotations
@@ -94,3 +96,28 @@ def check_version(version: str) -> None:
     """BadHead (505) for an HTTP version the proxy does not speak."""
     if version not in SERVED_VERSIONS:
         raise BadHead(505, f"HTTP/{version} is not served here: HTTP/1.1 and HTTP/1.0 are")
+
+
+def routing_path(path: str) -> str:
+    """A percent-decoded path with its dot-segments removed (RFC 3986 section 5.2.4), the
+    path a backend that resolves them serves: the route is chosen by it, or a client
+    could reach any path of a route's backends through the route's prefix
+    (``/agent/../internal``, ``/agent/%2e%2e/internal``), and have it shadowed."""
+    if "/." not in path:
+        return path
+    output: list[str] = []
+    segments = path.split("/")
+    for index, segment in enumerate(segments):
+        last = index == len(segments) - 1
+        if segment == "..":
+            if len(output) > 1:
+                output.pop()
+            if last:
+                output.append("")
+        elif segment == ".":
+            if last:
+                output.append("")
+        else:
+            output.append(segment)
+    resolved = "/".join(output)
+    return resolved if resolved.startswith("/") else "/" + resolved

@@ -52,6 +52,7 @@ from proxy.request_head import (
     absolute_target,
     check_version,
     host_of,
+    routing_path,
 )
 
 log = logging.getLogger("strangler.server")
@@ -268,7 +269,10 @@ class Request:
         self.host = host
         self.target = target
         path = target.partition("?")[0]
-        self.path = unquote(path) if "%" in path else path
+        if "%" in path:
+            path = unquote(path)
+        # Routed by the path a backend serves, dot-segments resolved (request_head).
+        self.path = routing_path(path) if "/." in path else path
 
     @property
     def headers(self) -> Headers:
@@ -751,6 +755,12 @@ class _Connection(asyncio.Protocol):
             elif kind & _LENGTH:
                 if value.isdigit():
                     self._length = int(value)
+                else:
+                    # llhttp keeps whitespace after a value (and checked the digits):
+                    # the length is still the length, for the early 413 and the framing.
+                    digits = value.strip(b" \t")
+                    if digits.isdigit():
+                        self._length = int(digits)
             elif kind & _CONNECTION:
                 self._named_connection = True
             elif kind & _UPGRADE:

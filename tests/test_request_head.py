@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from proxy.app import ProxyServer
-from proxy.request_head import BadHead, absolute_target, check_version, host_of, valid_authority
+from proxy.request_head import (
+    BadHead,
+    absolute_target,
+    check_version,
+    host_of,
+    routing_path,
+    valid_authority,
+)
 from tests.proxy_harness import ROUTES, flags_document, make_settings, running_proxy, write_flags
 from tests.raw_http import Backend, bounded, connect, read_head
 
@@ -328,3 +335,52 @@ async def test_a_watched_websocket_session_gets_the_absolute_form_authority_as_i
     (seen,) = [s for s in backend.seen if "X-Strangler-Shadow" not in s.headers]
     assert seen.path_qs == "/ws/watched/x"
     assert seen.headers.getall("X-Forwarded-Host") == ["other.test:8080"]
+
+
+@pytest.mark.parametrize(
+    ("path", "routed"),
+    [
+        ("/echo/x", "/echo/x"),
+        ("/echo/../internal/admin", "/internal/admin"),
+        ("/echo/./x", "/echo/x"),
+        ("/echo/x/..", "/echo/"),
+        ("/echo/.", "/echo/"),
+        ("/..", "/"),
+        ("/echo/../../..", "/"),
+        ("/a/b/c/./../../g", "/a/g"),  # RFC 3986 section 5.2.4's own example
+        ("/echo/.hidden", "/echo/.hidden"),
+        ("/echo/..x", "/echo/..x"),
+        ("*", "*"),
+    ],
+)
+def test_a_path_is_routed_with_its_dot_segments_resolved(path: str, routed: str) -> None:
+    assert routing_path(path) == routed
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/echo/../internal/admin",
+        "/echo/%2e%2e/internal/admin",
+        "/echo%2f..%2finternal/admin",
+        "/echo/./../internal/admin",
+    ],
+)
+async def test_a_path_that_leaves_a_route_through_dot_segments_is_not_served_by_that_route(
+    backend: Backend, tmp_path: Path, target: str
+) -> None:
+    # The flag sends every user to the candidate on its routes: what leaves the route is
+    # unrouted, so legacy serves it, as it serves the same path asked for plainly.
+    write_flags(tmp_path / "flags.json", flags_document(rollout=100))
+    settings = make_settings(backend.url, backend.url, tmp_path / "flags.json", routes=ROUTES)
+    async with running_proxy(settings) as proxy:
+        served_by = []
+        for path in (target, "/echo/x"):
+            async with connect(proxy) as client:
+                await client.send(
+                    f"POST {path} HTTP/1.1\r\nHost: proxy.test\r\nX-User-Id: u1\r\n"
+                    "Content-Length: 2\r\n\r\n{}".encode()
+                )
+                response = await read_head(client.reader)
+                served_by.append((response.status, response.get("X-Strangler-Backend")))
+    assert served_by == [(200, "legacy"), (200, "candidate")]
