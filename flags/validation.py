@@ -11,7 +11,10 @@ returns every problem at once, each naming the feature and the field:
   would route differently under the ``file`` and ``unleash`` providers;
 - a strategy is one Unleash defines (a typo, or a custom strategy no client here
   implements, would silently keep every user on legacy);
-- a stickiness is one Unleash defines.
+- a stickiness is one Unleash defines;
+- a constraint's operator is one Unleash defines (a typo would hold the strategy off for
+  everyone while the rollout still reads as its percentage), and a strategy's segments
+  are in the document (a missing one holds it off too).
 """
 
 from __future__ import annotations
@@ -36,6 +39,27 @@ KNOWN_STRATEGIES = frozenset(
     }
 )
 KNOWN_STICKINESS = frozenset({"default", "userId", "sessionId", "random"})
+# The constraint operators Unleash defines; routing evaluates the string and number ones
+# and holds the date and semver ones off (no request carries such a context field).
+KNOWN_OPERATORS = frozenset(
+    {
+        "IN",
+        "NOT_IN",
+        "STR_CONTAINS",
+        "STR_STARTS_WITH",
+        "STR_ENDS_WITH",
+        "NUM_EQ",
+        "NUM_GT",
+        "NUM_GTE",
+        "NUM_LT",
+        "NUM_LTE",
+        "DATE_AFTER",
+        "DATE_BEFORE",
+        "SEMVER_EQ",
+        "SEMVER_GT",
+        "SEMVER_LT",
+    }
+)
 
 _ROLLOUT_PARAMETER = {
     "flexibleRollout": "rollout",
@@ -58,6 +82,12 @@ def document_problems(doc: Mapping[str, Any]) -> list[str]:
     if not isinstance(features, list):
         return []  # a structural problem, reported by the parser
     problems: list[str] = []
+    raw_segments = doc.get("segments")
+    segments = raw_segments if isinstance(raw_segments, list) else []
+    segment_ids = {s.get("id") for s in segments if isinstance(s, Mapping)}
+    for index, segment in enumerate(segments):
+        if isinstance(segment, Mapping):
+            problems.extend(constraint_problems(segment, f"segments[{index}]"))
     for index, feature in enumerate(features):
         if not isinstance(feature, Mapping):
             continue
@@ -69,6 +99,30 @@ def document_problems(doc: Mapping[str, Any]) -> list[str]:
             if isinstance(strategy, Mapping):
                 where = f"{label}: strategies[{position}]"
                 problems.extend(strategy_problems(strategy, where))
+                problems.extend(constraint_problems(strategy, where))
+                wanted = strategy.get("segments")
+                for at, segment_id in enumerate(wanted if isinstance(wanted, list) else []):
+                    if segment_id not in segment_ids:
+                        problems.append(
+                            f"{where}.segments[{at}]: segment {_shown(segment_id)} is not in"
+                            " the document"
+                        )
+    return problems
+
+
+def constraint_problems(holder: Mapping[str, Any], where: str) -> list[str]:
+    """The constraints of a strategy or a segment whose operator Unleash does not define."""
+    constraints = holder.get("constraints")
+    problems = []
+    for index, constraint in enumerate(constraints if isinstance(constraints, list) else []):
+        if not isinstance(constraint, Mapping):
+            continue  # a structural problem, reported by the parser
+        operator = constraint.get("operator")
+        if operator not in KNOWN_OPERATORS:
+            problems.append(
+                f"{where}.constraints[{index}].operator: {_shown(operator)} is not an"
+                " operator Unleash defines"
+            )
     return problems
 
 

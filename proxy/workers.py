@@ -48,7 +48,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
 from flags.document import FlagsDocumentError, parse_flags
-from flags.file import read_flags
+from flags.file import read_document, read_flags
 from proxy import __version__, build
 from proxy.admin import token_guard
 from proxy.divergence_store import DivergenceStore, add_divergence_routes
@@ -500,10 +500,10 @@ def _last_good_flags(settings: Settings, last_good: bytes | None) -> bytes | Non
     if path is None:
         return None
     try:
-        raw = path.read_bytes()
+        raw = read_document(path)
         if raw != last_good:
             parse_flags(raw)
-    except (OSError, FlagsDocumentError):
+    except FlagsDocumentError:
         return last_good
     return raw
 

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from flags.document import FlagsDocumentError, parse_flags
 from flags.evaluation import is_enabled, normalized_hash, rollout_percent
-from flags.file import FileFlagProvider
+from flags.file import MAX_DOCUMENT_BYTES, FileFlagProvider
 from flags.unleash import UnleashFlagProvider
 from proxy.routing import Backend, RouteTable, choose_backend
 from proxy.settings import RouteSettings
@@ -285,6 +285,37 @@ async def test_an_unsound_document_on_reload_keeps_the_last_good_flags_logged_an
         write_flags(path, flags_document(rollout=0))
         assert provider.reload_if_changed() is True
         assert not provider.is_enabled(FLAG, "u") and len(loaded) == 2
+    finally:
+        await provider.close()
+
+
+def oversized(path: Path) -> Path:
+    """A features document over MAX_DOCUMENT_BYTES: sound JSON, padded by a description."""
+    document = flags_document(rollout=0)
+    document["features"][0]["description"] = "x" * MAX_DOCUMENT_BYTES
+    path.write_text(json.dumps(document))
+    return path
+
+
+async def test_a_flags_document_over_the_size_bound_is_refused_before_it_is_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(FlagsDocumentError, match=r"big\.json: \d+ bytes, over the"):
+        await FileFlagProvider(oversized(tmp_path / "big.json")).start()
+    refused: list[None] = []
+    path = write_flags(tmp_path / "flags.json", flags_document(rollout=100))
+    provider = FileFlagProvider(path, poll_interval=3600, on_invalid=lambda: refused.append(None))
+    await provider.start()
+    try:
+        oversized(path)
+        assert provider.reload_if_changed() is False
+        assert provider.reload_if_changed() is False  # reported once
+        assert provider.is_enabled(FLAG, "u") and len(refused) == 1
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "over the" in errors[0]
+        write_flags(path, flags_document(rollout=0))
+        assert provider.reload_if_changed() is True
+        assert not provider.is_enabled(FLAG, "u")
     finally:
         await provider.close()
 

@@ -143,3 +143,41 @@ def test_every_problem_of_a_document_is_reported_at_once() -> None:
         [f'features[1] "{FLAG}"', "strategies[2].name"],
     ]
     assert str(refused.value) == "; ".join(refused.value.problems)
+
+
+@pytest.mark.parametrize("operator", ["STR_CONTAIN", "in", "EQUALS", "", None, 3])
+def test_a_constraint_operator_unleash_does_not_define_is_refused(operator: object) -> None:
+    strategy = flexible("100")
+    strategy["constraints"] = [{"contextName": "userId", "operator": operator, "values": ["u"]}]
+    problems = document_problems(document(strategy))
+    assert len(problems) == 1
+    assert problems[0].startswith(f'features[0] "{FLAG}": strategies[0].constraints[0].operator: ')
+    assert problems[0].endswith("is not an operator Unleash defines")
+
+
+def test_a_segment_constraint_with_an_unknown_operator_is_refused() -> None:
+    doc = document(flexible("100"))
+    doc["segments"] = [{"id": 1, "constraints": [{"contextName": "x", "operator": "LIKE"}]}]
+    assert document_problems(doc) == [
+        'segments[0].constraints[0].operator: "LIKE" is not an operator Unleash defines'
+    ]
+
+
+def test_a_strategy_naming_a_segment_the_document_lacks_is_refused() -> None:
+    strategy = flexible("100")
+    strategy["segments"] = [1, 7]
+    doc = document(strategy)
+    doc["segments"] = [{"id": 1, "constraints": []}]
+    assert document_problems(doc) == [
+        f'features[0] "{FLAG}": strategies[0].segments[1]: segment 7 is not in the document'
+    ]
+
+
+@pytest.mark.parametrize("operator", ["IN", "NOT_IN", "STR_CONTAINS", "NUM_GTE", "SEMVER_EQ"])
+def test_operators_unleash_defines_and_present_segments_are_accepted(operator: str) -> None:
+    strategy = flexible("100")
+    strategy["constraints"] = [{"contextName": "userId", "operator": operator, "values": ["1"]}]
+    strategy["segments"] = [1]
+    doc = document(strategy)
+    doc["segments"] = [{"id": 1, "constraints": [{"contextName": "a", "operator": operator}]}]
+    assert document_problems(doc) == []
