@@ -512,7 +512,7 @@ UPLOADS = 50
 STALL_BODY_TIMEOUT = 2.0
 # The sweep runs every quarter of the shortest timeout (here the body timeout): a stall
 # is answered within 1.25 body timeouts of the last byte; the slack is for scheduling.
-STALL_ANSWERED_WITHIN = STALL_BODY_TIMEOUT * 1.25 + 1.0
+STALL_ANSWERED_WITHIN = STALL_BODY_TIMEOUT * 1.25 + 1.5
 # A route whose POSTs also run in the shadow, which keeps a copy of each body up to its
 # cap ([shadow] max_body_bytes, 1 MiB by default) and drops the run past it.
 SHADOWED_UPLOADS = (
