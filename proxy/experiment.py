@@ -55,9 +55,15 @@ class RouteExperiment:
 
     def check_contract(self, observation: Observation) -> bool:
         """Check one sequence against the contract; count a violation per backend."""
-        if self.contract is None or observation.cancelled or observation.timed_out:
+        if (
+            self.contract is None
+            or observation.cancelled
+            or observation.timed_out
+            or observation.over_limit
+        ):
             # A cut-off sequence says nothing about the grammar: the timeout is counted
-            # (as a dropped shadow and a timeout divergence), not as a contract violation.
+            # (as a dropped shadow and a timeout divergence), the recording limit as
+            # such, not as a contract violation.
             return True
         types = [event.type for event in observation.events]
         result = self.contract.check(types)
@@ -79,13 +85,21 @@ class RouteExperiment:
     def conclude(
         self, primary: Observation, shadow: Observation | None, turn: int | None = None
     ) -> Comparison | None:
-        """Everything the proxy learns from one exchange or turn, once both sides ended."""
+        """Everything the proxy learns from one exchange or turn, once both sides ended.
+
+        A side past the recording limit makes the comparison ``ignored``, as a cancelled
+        one does: a sequence too long to hold is no mismatch of the candidate (an
+        ``error`` divergence would count against it, and push a rollback, for what may
+        be two identical endless streams), and no failure of the comparison either. It is
+        counted apart, per side, in ``strangler_recording_limit_total``."""
+        route = self.route.name
+        self._count_limit(primary)
         self.check_contract(primary)
         if shadow is None:
             return None
+        self._count_limit(shadow)
         self.check_contract(shadow)
-        route = self.route.name
-        if primary.cancelled or shadow.cancelled:
+        if primary.cancelled or shadow.cancelled or primary.over_limit or shadow.over_limit:
             self.metrics.increment(self.metrics.comparisons, route, "ignored")
             return None
         try:
@@ -119,6 +133,16 @@ class RouteExperiment:
                 )
             )
         return comparison
+
+    def _count_limit(self, observation: Observation) -> None:
+        if observation.over_limit:
+            metrics = self.metrics
+            metrics.increment(
+                metrics.recording_limit,
+                self.route.name,
+                observation.backend.value,
+                observation.role,
+            )
 
     @staticmethod
     def _primary_is_reference(primary: Observation) -> bool:

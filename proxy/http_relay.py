@@ -285,7 +285,16 @@ class _Exchange:
         if not (shadowed or experiment.contract is not None or self.user_field is not None):
             return False
         observation = Observation(self.backend, "primary", self.started)
-        self.recorder = Recorder(observation, route.protocol, settings.event_type_field)
+        limits = self.proxy.settings.shadow
+        recorder = self.recorder = Recorder(
+            observation,
+            route.protocol,
+            settings.event_type_field,
+            limits.max_recorded_events,
+            limits.max_recorded_bytes,
+        )
+        # Isolation withholds events by what the recorder decodes, past its limit too.
+        recorder.decodes_past_limit = self.user_field is not None
         if not shadowed:
             return False
         self.primary_done = asyncio.get_running_loop().create_future()
@@ -327,6 +336,7 @@ class _Exchange:
         )
         if self.user_field is not None:
             shadow.user_id = self.user_id
+            shadow.recorder.decodes_past_limit = True  # its leaks are counted throughout
         if not shadow.start() and not self.proxy.shadows.spawn(route.name, shadow.run()):
             self.primary_done = None
 
@@ -758,7 +768,15 @@ class _Shadow:
         self.request = request  # method, target, header block, body
         self.started = perf_counter()
         self.observation = Observation(backend, "shadow", self.started)
-        self.recorder = Recorder(self.observation, route.protocol, route.settings.event_type_field)
+        limits = proxy.settings.shadow
+        self.recorder = Recorder(
+            self.observation,
+            route.protocol,
+            route.settings.event_type_field,
+            limits.max_recorded_events,
+            limits.max_recorded_bytes,
+        )
+        self.leaked = 0  # events carrying another user's id (with ``user_id``)
         self.outcome = Outcome.SUCCESS
         self.responded = False
 
@@ -790,17 +808,24 @@ class _Shadow:
         proxy, label, backend = self.proxy, self.route.name, self.backend
         observation = self.observation
         finished = perf_counter()
+        self._count_leaks(self.recorder.close())
         self.recorder.finish(finished)
         proxy.shadows.report(label, backend, outcome not in _SHADOW_FAILURES)
-        user_field = self.route.user_field
-        if self.user_id is not None and user_field is not None:
-            user_id = self.user_id
-            leaked = sum(1 for e in observation.events if not belongs_to(e, user_field, user_id))
-            if leaked:
-                proxy.metrics.isolation_violations.labels(label, backend.value).inc(leaked)
+        if self.leaked:
+            proxy.metrics.isolation_violations.labels(label, backend.value).inc(self.leaked)
         proxy.metrics.exchange(
             label, backend, "shadow", outcome, finished - self.started, observation.first_event
         )
+
+    def _feed(self, data: bytes) -> None:
+        """Record what the shadow sent; with ``user_id``, count another user's events as
+        they pass (the recorder may let go of them past its limit)."""
+        self._count_leaks(self.recorder.feed(data, perf_counter()))
+
+    def _count_leaks(self, events: list[Event]) -> None:
+        user_field, user_id = self.route.user_field, self.user_id
+        if events and user_id is not None and user_field is not None:
+            self.leaked += sum(1 for e in events if not belongs_to(e, user_field, user_id))
 
     # --- as a task --------------------------------------------------------------------
 
@@ -819,7 +844,7 @@ class _Shadow:
                 self._begin(upstream.status)
                 async with upstream:
                     async for chunk in upstream:
-                        self.recorder.feed(chunk, perf_counter())
+                        self._feed(chunk)
             outcome = self.outcome
         except TimeoutError:
             outcome = self._timed_out()
@@ -876,7 +901,7 @@ class _Shadow:
         if not self.responded:
             self._begin(response.status)
         if data:
-            self.recorder.feed(data, perf_counter())
+            self._feed(data)
         if response.complete:
             response.release()
             self.connection = None

@@ -113,6 +113,13 @@ class Metrics:
             ["route", "backend"],
             registry=r,
         )
+        self.recording_limit = Counter(
+            "strangler_recording_limit_total",
+            "Exchanges or WebSocket turns whose events passed the recording limit on one "
+            "side (not compared, not checked against the contract).",
+            ["route", "backend", "role"],
+            registry=r,
+        )
         self.shadow_dropped = Counter(
             "strangler_shadow_dropped_total",
             "Shadow runs not started or not finished, by reason.",

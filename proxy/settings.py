@@ -158,6 +158,10 @@ class ShadowSettings(_Section):
     # against a backend, its shadows pause for breaker_seconds (0 turns this off).
     breaker_failures: Annotated[int, Field(ge=0)] = 5
     breaker_seconds: Seconds = 5.0
+    # What one side of one exchange or WebSocket turn may hold for its comparison: past
+    # either, recording stops and the comparison is counted as ignored.
+    max_recorded_events: Annotated[int, Field(ge=1)] = 4096
+    max_recorded_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
 
 
 class DivergenceSettings(_Section):

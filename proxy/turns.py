@@ -7,13 +7,20 @@ and nothing can follow (``agent_completed`` in the demo grammar), or after
 only goes quiet, that side timed out. Once both sides have ended, the route's experiment
 compares them, turn by turn in order; without a shadow, the primary's sequence is still
 checked against the contract.
+
+What a side records of one turn is bounded as an HTTP exchange's is (``[shadow]
+max_recorded_events`` and ``max_recorded_bytes``): a chatty turn that never ends lets
+go of its events at the limit, is neither compared nor checked, and is counted as such.
+Its frames are still decoded, one message at a time, so that its end is seen by an
+event type in ``turn_end`` (the contract's terminal types by default) or the idle
+timeout, and its later frames do not spill into the next turn.
 """
 
 from __future__ import annotations
 
 from adapters.events import Event
 from proxy.experiment import RouteExperiment
-from proxy.observation import Observation, Recorder
+from proxy.observation import MAX_RECORDED_BYTES, MAX_RECORDED_EVENTS, Observation, Recorder
 from proxy.routing import Backend, Route
 
 
@@ -56,8 +63,12 @@ class TurnTracker:
         experiment: RouteExperiment,
         primary: Backend,
         shadow: Backend | None,
+        max_events: int = MAX_RECORDED_EVENTS,
+        max_bytes: int = MAX_RECORDED_BYTES,
     ) -> None:
         self.route = route
+        self.max_events = max_events
+        self.max_bytes = max_bytes
         self.experiment = experiment
         self.primary_backend = primary
         self.shadow_backend = shadow
@@ -82,7 +93,14 @@ class TurnTracker:
         return not self.open
 
     def _side(self, backend: Backend, role: str, now: float) -> _Side:
-        recorder = Recorder(Observation(backend, role, now), "websocket", self.type_field)
+        recorder = Recorder(
+            Observation(backend, role, now),
+            "websocket",
+            self.type_field,
+            self.max_events,
+            self.max_bytes,
+        )
+        recorder.decodes_past_limit = True  # the turn's end and isolation need its events
         return _Side(recorder, now)
 
     def client_message(self, now: float) -> None:
@@ -136,17 +154,21 @@ class TurnTracker:
             if decoder is None:
                 observation = Observation(self.primary_backend, "primary", 0.0)
                 decoder = self._decoder = Recorder(observation, "websocket", self.type_field)
+                decoder.decodes_past_limit = True  # it keeps nothing: only isolation needs it
             events = decoder.feed(data, now)
             decoder.observation.events.clear()  # kept for nothing: no turn is open
             return events
         turn, side = current
         events = side.recorder.feed(data, now)
         side.last_activity = now
+        observation = side.observation
         if events and (
             any(e.type in self.turn_end for e in events)
             or (
-                self.experiment.contract is not None
-                and self.experiment.contract.finished([e.type for e in side.observation.events])
+                # Past the limit the sequence is gone: the turn ends by its type or idles.
+                not observation.over_limit
+                and self.experiment.contract is not None
+                and self.experiment.contract.finished([e.type for e in observation.events])
             )
         ):
             self._end_side(turn, side, now)

@@ -105,7 +105,15 @@ class WatchedSession(Session):
             shadows.drop(route.name, dropped)
         if target_backend is not None and not shadows.admits(route.name, target_backend):
             target_backend = None
-        self.tracker = TurnTracker(route, self.experiment, self.backend, target_backend)
+        limits = proxy.settings.shadow
+        self.tracker = TurnTracker(
+            route,
+            self.experiment,
+            self.backend,
+            target_backend,
+            limits.max_recorded_events,
+            limits.max_recorded_bytes,
+        )
         self.upstream.collects = True
         if settings.user_field and self.user_id:
             self.user_field = settings.user_field
