@@ -152,3 +152,16 @@ def rss_bytes(pid: int) -> int:
         match = re.search(r"VmRSS:\s+(\d+) kB", status)
         total += int(match.group(1)) * 1024 if match else 0
     return total
+
+
+def config_with(tmp_path: Path, section: str, keys: str) -> Path:
+    """A configuration file with the given ``[section]`` keys, two backends and a flags
+    file beside it: the least a setting's own test needs."""
+    write_flags(tmp_path / "flags.json", flags_document())
+    config = tmp_path / "strangler.toml"
+    config.write_text(
+        f"[{section}]\n{keys}\n[backends]\n"
+        'legacy = "http://127.0.0.1:9001"\ncandidate = "http://127.0.0.1:9002"\n'
+        '[flags]\nfile = "flags.json"\n'
+    )
+    return config

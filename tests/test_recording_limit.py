@@ -29,7 +29,13 @@ from proxy.observation import Observation, Recorder
 from proxy.routing import Backend, Route, RouteTable
 from proxy.settings import ConfigError, RouteSettings, load_settings
 from proxy.turns import TurnTracker
-from tests.proxy_harness import flags_document, rss_bytes, strangler_process, write_flags
+from tests.proxy_harness import (
+    config_with,
+    flags_document,
+    rss_bytes,
+    strangler_process,
+    write_flags,
+)
 
 MIB = 1024 * 1024
 
@@ -208,23 +214,14 @@ def test_a_chatty_websocket_turn_holds_at_most_its_limit_and_still_ends_at_its_e
 # --- configuration -----------------------------------------------------------------------
 
 
-def config_with(tmp_path: Path, shadow: str) -> Path:
-    write_flags(tmp_path / "flags.json", flags_document())
-    config = tmp_path / "strangler.toml"
-    config.write_text(
-        f"[shadow]\n{shadow}\n[backends]\n"
-        'legacy = "http://127.0.0.1:9001"\ncandidate = "http://127.0.0.1:9002"\n'
-        '[flags]\nfile = "flags.json"\n'
-    )
-    return config
-
-
 def test_the_recording_limits_default_to_4096_events_and_1_mib_and_can_be_set(
     tmp_path: Path,
 ) -> None:
-    shadow = load_settings(config_with(tmp_path, ""), {}).shadow
+    shadow = load_settings(config_with(tmp_path, "shadow", ""), {}).shadow
     assert (shadow.max_recorded_events, shadow.max_recorded_bytes) == (4096, MIB)
-    config = config_with(tmp_path, "max_recorded_events = 100\nmax_recorded_bytes = 65536")
+    config = config_with(
+        tmp_path, "shadow", "max_recorded_events = 100\nmax_recorded_bytes = 65536"
+    )
     shadow = load_settings(config, {"STRANGLER_SHADOW__MAX_RECORDED_BYTES": "2048"}).shadow
     assert (shadow.max_recorded_events, shadow.max_recorded_bytes) == (100, 2048)
 
@@ -243,7 +240,7 @@ def test_a_recording_limit_that_is_not_a_sound_count_is_refused_naming_key_and_f
     tmp_path: Path, key: str, value: str
 ) -> None:
     with pytest.raises(ConfigError) as refused:
-        load_settings(config_with(tmp_path, f"{key} = {value}"), {})
+        load_settings(config_with(tmp_path, "shadow", f"{key} = {value}"), {})
     message = str(refused.value)
     assert f"shadow.{key}" in message and "strangler.toml" in message
 

@@ -22,6 +22,7 @@ import pytest
 from proxy.app import ProxyServer
 from proxy.settings import ConfigError, load_settings
 from tests.proxy_harness import (
+    config_with,
     flags_document,
     make_settings,
     rss_bytes,
@@ -91,23 +92,12 @@ def assert_408_json(raw: bytes) -> None:
 # --- configuration ---------------------------------------------------------------------
 
 
-def config_with(tmp_path: Path, server: str) -> Path:
-    write_flags(tmp_path / "flags.json", flags_document())
-    config = tmp_path / "strangler.toml"
-    config.write_text(
-        f"[server]\n{server}\n[backends]\n"
-        'legacy = "http://127.0.0.1:9001"\ncandidate = "http://127.0.0.1:9002"\n'
-        '[flags]\nfile = "flags.json"\n'
-    )
-    return config
-
-
 def test_the_header_and_body_timeouts_default_to_twenty_seconds_and_can_be_set(
     tmp_path: Path,
 ) -> None:
-    server = load_settings(config_with(tmp_path, ""), {}).server
+    server = load_settings(config_with(tmp_path, "server", ""), {}).server
     assert (server.header_timeout, server.body_timeout) == (20.0, 20.0)
-    config = config_with(tmp_path, "header_timeout = 5\nbody_timeout = 2.5")
+    config = config_with(tmp_path, "server", "header_timeout = 5\nbody_timeout = 2.5")
     server = load_settings(config, {"STRANGLER_SERVER__BODY_TIMEOUT": "7"}).server
     assert (server.header_timeout, server.body_timeout) == (5.0, 7.0)
 
@@ -117,7 +107,7 @@ def test_the_header_and_body_timeouts_default_to_twenty_seconds_and_can_be_set(
 def test_a_timeout_that_is_not_a_positive_number_is_refused_naming_key_and_file(
     tmp_path: Path, key: str, value: str
 ) -> None:
-    config = config_with(tmp_path, f"{key} = {value}")
+    config = config_with(tmp_path, "server", f"{key} = {value}")
     with pytest.raises(ConfigError) as info:
         load_settings(config, {})
     [problem] = info.value.problems
