@@ -100,14 +100,18 @@ def document_problems(doc: Mapping[str, Any]) -> list[str]:
                 where = f"{label}: strategies[{position}]"
                 problems.extend(strategy_problems(strategy, where))
                 problems.extend(constraint_problems(strategy, where))
-                wanted = strategy.get("segments")
-                for at, segment_id in enumerate(wanted if isinstance(wanted, list) else []):
-                    if segment_id not in segment_ids:
-                        problems.append(
-                            f"{where}.segments[{at}]: segment {_shown(segment_id)} is not in"
-                            " the document"
-                        )
+                problems.extend(segment_problems(strategy, where, segment_ids))
     return problems
+
+
+def segment_problems(strategy: Mapping[str, Any], where: str, known: set[object]) -> list[str]:
+    """The segments a strategy names that the document does not hold."""
+    wanted = strategy.get("segments")
+    return [
+        f"{where}.segments[{at}]: segment {_shown(segment_id)} is not in the document"
+        for at, segment_id in enumerate(wanted if isinstance(wanted, list) else [])
+        if segment_id not in known
+    ]
 
 
 def constraint_problems(holder: Mapping[str, Any], where: str) -> list[str]:
